@@ -1,0 +1,36 @@
+"""Errors raised for bad user input (configs, dataset trees, files).
+
+The CLI prints them as one paragraph without a traceback and exits non-zero, so
+the message must name the field or file and say what to do.
+"""
+
+
+class UserInputError(ValueError):
+    """Bad user input detected before (or instead of) running anything.
+
+    ``where`` names the config field (``model.detector``) or the file path at fault;
+    ``hint`` tells the user what to do about it.
+    """
+
+    def __init__(self, where: str, problem: str, hint: str = ""):
+        self.where = where
+        self.problem = problem
+        self.hint = hint
+        message = f"{where}: {problem}"
+        if hint:
+            message += f" {hint}"
+        super().__init__(message)
+
+
+class ConfigError(UserInputError):
+    """A config or sweep-spec field is missing, unknown or out of range."""
+
+
+class DatasetError(UserInputError):
+    """A dataset tree or annotation file is missing or malformed."""
+
+
+def choice_error(field: str, value, allowed) -> ConfigError:
+    """The error for a value outside a fixed set, listing the allowed values."""
+    allowed_list = ", ".join(sorted(str(a) for a in allowed))
+    return ConfigError(field, f"unknown value {value!r}.", f"Allowed values: {allowed_list}.")
