@@ -1,0 +1,40 @@
+"""``alwa-sweep resume``: finish an interrupted sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alwa_sweep.commands.run import add_common_arguments
+from alwa_sweep.spec import load_spec
+from alwa_sweep.sweep_paths import check_address, runs_root
+from alwa_sweep.tune import load_sweep_state, print_summary, run_sweep
+from trainers.errors import ConfigError
+
+HELP = "resume an interrupted sweep (by folder or name): finished trials are not re-run"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("sweep", help="the sweep's folder, or its name under <runs-dir>/sweeps")
+    add_common_arguments(parser)
+
+
+def find_sweep_dir(text: str, root: Path) -> Path:
+    for candidate in (Path(text), root / "sweeps" / text):
+        if (candidate / "sweep.json").is_file():
+            return candidate.resolve()
+    raise ConfigError("SWEEP", f"no sweep folder found for {text!r} (looked for sweep.json in {text} and "
+                      f"{root / 'sweeps' / text}).", "Pass the folder printed by `alwa-sweep run`.")
+
+
+def run(args) -> int:
+    root = runs_root(args.runs_dir)
+    sweep_dir = find_sweep_dir(args.sweep, root)
+    check_address(args.address)
+    state = load_sweep_state(sweep_dir)
+    # The spec as it was run; paths were checked when it was launched.
+    spec = load_spec(sweep_dir / "spec.yaml", check_paths=False)
+    summary = run_sweep(spec, sweep_dir, state["tracking_uri"], address=args.address,
+                        max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
+                        progress=not args.quiet, state=state)
+    print_summary(summary)
+    return 0 if summary.failed == 0 else 1

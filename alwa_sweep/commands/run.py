@@ -1,0 +1,65 @@
+"""``alwa-sweep run``: launch a sweep on a local Ray runtime or an existing cluster."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from alwa_sweep.spec import load_spec
+from alwa_sweep.sweep_paths import check_address, check_writable, runs_root
+from alwa_sweep.tracking import default_tracking_uri
+from alwa_sweep.tune import load_sweep_state, print_summary, run_sweep
+from trainers.errors import ConfigError
+
+HELP = "run a sweep spec with Ray Tune (local runtime by default, or --address for a cluster)"
+
+
+def add_common_arguments(parser) -> None:
+    parser.add_argument("--address", help="Ray cluster address (auto, ray://host:port); default: a local "
+                        "Ray runtime on this machine")
+    parser.add_argument("--max-concurrent", type=int, metavar="N", help="at most N trials at once")
+    parser.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the local Ray runtime")
+    parser.add_argument("--runs-dir", default=None, help="folder of sweeps and the default MLflow store "
+                        "(default: ./alwa_runs)")
+    parser.add_argument("--quiet", action="store_true", help="no live table of trials")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("spec", help="sweep spec YAML (see search_spaces/)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                        "sqlite:///<runs-dir>/mlflow.db)")
+    parser.add_argument("--name", help="sweep name (default: <spec name>-<date>-<time>); an existing "
+                        "unfinished sweep of this name is resumed")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the base config (repeatable)")
+    parser.add_argument("--no-check-paths", action="store_true",
+                        help="don't check dataset paths on this machine (they exist on the cluster)")
+    add_common_arguments(parser)
+
+
+def run(args) -> int:
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError("--max-concurrent", f"must be at least 1, got {args.max_concurrent}.")
+    spec = load_spec(args.spec, args.overrides, check_paths=not args.no_check_paths)
+    root = runs_root(args.runs_dir)
+    check_writable(root, "--runs-dir")
+    tracking_uri = args.tracking_uri or default_tracking_uri(root)
+    name = args.name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not re.fullmatch(r"[\w.\-]+", name):
+        raise ConfigError("--name", f"{name!r} may only hold letters, digits, '.', '_' and '-'.")
+    check_address(args.address)
+    sweep_dir = root / "sweeps" / name
+    state = None
+    if sweep_dir.exists():
+        if not (sweep_dir / "sweep.json").exists():
+            raise ConfigError("--name", f"{sweep_dir} exists but is not a sweep folder.", "Pick another --name.")
+        state = load_sweep_state(sweep_dir)
+        if (args.tracking_uri or tracking_uri) != state["tracking_uri"]:
+            tracking_uri = state["tracking_uri"]
+        print(f"resuming sweep {name} (finished trials are not re-run)")
+    summary = run_sweep(spec, sweep_dir, tracking_uri, address=args.address,
+                        max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
+                        progress=not args.quiet, state=state)
+    print_summary(summary)
+    return 0 if summary.failed == 0 else 1

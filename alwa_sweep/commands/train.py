@@ -1,0 +1,63 @@
+"""``alwa-sweep train``: one training run, logged to MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from alwa_sweep.progress import ProgressBar
+from alwa_sweep.tracking import (TAG_KIND, MlflowTrainingLogger, default_tracking_uri,
+                                 get_or_create_experiment, open_store)
+from trainers.config import load_config
+from trainers.engine import train
+from trainers.errors import ConfigError
+
+HELP = "train one detector from a config YAML (progress bar, MLflow logging, resumable)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="training config YAML (see search_spaces/ for examples)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set optimizer.lr=0.01 (repeatable)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
+                        "or sqlite:///./alwa_runs/mlflow.db)")
+    parser.add_argument("--experiment", default="alwa-train", help="MLflow experiment name")
+    parser.add_argument("--run-name", help="MLflow run name (default: the config file's stem)")
+    parser.add_argument("--workdir", help="checkpoint folder (default: ./alwa_runs/train/<run name>)")
+    parser.add_argument("--resume", metavar="CKPT",
+                        help="resume from a checkpoint file or folder; continues its MLflow run")
+
+
+def run(args) -> int:
+    config = load_config(args.config, args.overrides)
+    run_name = args.run_name or Path(args.config).stem
+    if not re.fullmatch(r"[\w.\-]+", run_name):
+        raise ConfigError("--run-name", f"{run_name!r} may only hold letters, digits, '.', '_' and '-'.")
+    workdir = Path(args.workdir or Path("alwa_runs") / "train" / run_name).resolve()
+    if args.resume and not Path(args.resume).exists():
+        raise ConfigError("--resume", f"{args.resume} does not exist.", "Pass a checkpoint file or folder.")
+    if not args.resume and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+        raise ConfigError("--workdir", f"{workdir} already holds checkpoints of an earlier run.",
+                          f"Resume it with --resume {workdir / 'checkpoints'}, or pick another --run-name.")
+    client = open_store(args.tracking_uri or default_tracking_uri())
+    experiment_id = get_or_create_experiment(client, args.experiment)
+    progress = ProgressBar(run_name)
+    run_id_file = workdir / "mlflow_run_id"
+    if args.resume and run_id_file.exists():
+        logger = MlflowTrainingLogger(client, run_id_file.read_text().strip(), progress)
+    else:
+        logger = MlflowTrainingLogger.create(client, experiment_id, run_name,
+                                             tags={TAG_KIND: "train"}, progress=progress)
+        workdir.mkdir(parents=True, exist_ok=True)
+        run_id_file.write_text(logger.run_id)
+    result = train(config, workdir=workdir, logger=logger, resume=args.resume)
+    print(f"status: {result.status}" + (f" ({result.reason})" if result.reason else ""))
+    print(f"iterations: {result.iterations} in {result.seconds:.1f} s")
+    for name, value in sorted(result.metrics.items()):
+        if name.count("/") == 1:
+            print(f"{name}: {value:.4f}")
+    print(f"MLflow run: {logger.run_id} (experiment {args.experiment!r}, store {client.tracking_uri})")
+    print(f"checkpoints: {workdir / 'checkpoints'}")
+    return 0 if result.status == "ok" else 1

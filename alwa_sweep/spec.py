@@ -1,0 +1,257 @@
+"""Sweep specs: YAML → validated spec → the list of trials.
+
+A spec is a base training config (``trainers/config.py``) plus grid axes, in the spirit
+of mmdetection's config diffs but readable in one screen::
+
+    name: table2_voc                  # default sweep name (a timestamp is appended)
+    description: Table 2, VOC07 …
+    experiment: alwa-table2           # MLflow experiment
+    base: {dataset: …, model: …, …}   # the training config every trial starts from
+    grid:                             # one product of axes, or a list of them (a union)
+      model.backbone: [resnet50, resnet101]
+      weighting:                      # a mapping value is merged into that section
+        - {method: none}
+        - {method: alwa, variant: 1}
+    seeds: [0]                        # repeats: one trial per seed
+    resources: {workers: 4, cpus_per_worker: 4, gpus_per_worker: 1}
+    scheduler: {type: none}           # or {type: asha, grace_period: 2, reduction_factor: 2}
+    max_concurrent: null
+    max_failures: 2                   # retries of a killed trial, from its last checkpoint
+    estimate: {hours_per_trial: 6.0}  # for `validate`'s resource-hours
+
+Every trial is the base config with its overrides applied; trials are identified by a
+deterministic key (a hash of the overrides), which maps a trial to its MLflow run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainers.config import apply_overrides, load_yaml, resolve_config, validate_config
+from trainers.errors import ConfigError, UserInputError
+
+SPEC_KEYS = {"name", "description", "experiment", "base", "grid", "seeds", "resources", "scheduler",
+             "max_concurrent", "max_failures", "estimate"}
+RESOURCE_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker"}
+SCHEDULER_KEYS = {"type", "metric", "mode", "grace_period", "reduction_factor"}
+SCHEDULERS = ("none", "asha")
+ESTIMATE_KEYS = {"hours_per_trial"}
+# Detectors of the paper's Table 3 that a later version adds (issue 10).
+PLANNED_DETECTORS = {"libra_rcnn": "Libra R-CNN", "dynamic_rcnn": "Dynamic R-CNN",
+                     "double_head_rcnn": "Double-Head R-CNN"}
+
+
+@dataclass
+class Trial:
+    key: str  # deterministic: hash of the overrides
+    name: str  # readable: the overrides in short
+    overrides: dict  # dotted key → value
+    config: dict  # resolved, validated training config
+
+
+@dataclass
+class Spec:
+    name: str
+    description: str
+    experiment: str
+    base: dict
+    trials: list[Trial]
+    resources: dict
+    scheduler: dict
+    max_concurrent: int | None
+    max_failures: int
+    estimate: dict
+    raw: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def uses_gpus(self) -> bool:
+        return self.resources["gpus_per_worker"] > 0
+
+    def resource_hours(self) -> float | None:
+        hours = self.estimate.get("hours_per_trial")
+        if hours is None:
+            return None
+        per_worker = self.resources["gpus_per_worker"] if self.uses_gpus else self.resources["cpus_per_worker"]
+        return len(self.trials) * self.resources["workers"] * per_worker * hours
+
+
+def _short(key: str) -> str:
+    return key.split(".")[-1]
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{_short(k)}={_value_text(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "x".join(_value_text(v) for v in value)
+    return str(value)
+
+
+def trial_name(overrides: dict) -> str:
+    parts = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            parts.append(_value_text(value))
+        else:
+            parts.append(f"{_short(key)}={_value_text(value)}")
+    return "_".join(parts) or "base"
+
+
+def trial_key(overrides: dict) -> str:
+    canonical = json.dumps(overrides, sort_keys=True, default=str)
+    return hashlib.sha1(canonical.encode()).hexdigest()[:12]
+
+
+def _flatten_override(key: str, value: Any) -> dict:
+    """A mapping value merges into the section ``key`` (dotted keys inside allowed)."""
+    if isinstance(value, dict):
+        flat = {}
+        for sub_key, sub_value in value.items():
+            flat.update(_flatten_override(f"{key}.{sub_key}", sub_value))
+        return flat
+    return {key: value}
+
+
+def expand_grid(grid, seeds=None) -> list[dict]:
+    """The list of trial overrides: the product of each grid block's axes, blocks
+    concatenated, then crossed with the seeds; duplicates dropped, order kept."""
+    blocks = grid if isinstance(grid, list) else [grid]
+    if not blocks:
+        raise ConfigError("grid", "is empty.", "Give at least one axis with at least one value.")
+    combos: list[dict] = []
+    for index, block in enumerate(blocks):
+        where = f"grid[{index}]" if isinstance(grid, list) else "grid"
+        if not isinstance(block, dict) or not block:
+            raise ConfigError(where, "must be a non-empty mapping of axis → list of values.",
+                              "Example: {weighting.method: [none, alwa]}")
+        axes = []
+        for axis, values in block.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}.{axis}", f"expected a non-empty list of values, got {values!r}.",
+                                  "Write the values as a YAML list, e.g. [1, 2].")
+            axes.append([(axis, value) for value in values])
+        for choice in itertools.product(*axes):
+            combos.append({axis: value for axis, value in choice})
+    if seeds is not None:
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+            raise ConfigError("seeds", f"expected a non-empty list of non-negative integers, got {seeds!r}.")
+        if len(seeds) > 1 or seeds != [0]:
+            combos = [{**combo, "train.seed": seed} for combo in combos for seed in seeds]
+    unique, seen = [], set()
+    for combo in combos:
+        key = trial_key(combo)
+        if key not in seen:
+            seen.add(key)
+            unique.append(combo)
+    return unique
+
+
+def _check_keys(section, allowed, where):
+    if not isinstance(section, dict):
+        raise ConfigError(where, f"expected a mapping, got {section!r}.")
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(f"{where}.{key}" if where else key, "unknown key.",
+                              f"Allowed keys: {', '.join(sorted(allowed))}.")
+
+
+def _positive_int(value, where, *, optional=False):
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(where, f"expected a positive integer, got {value!r}.")
+
+
+def _resources(raw) -> dict:
+    resources = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
+    if raw is not None:
+        _check_keys(raw, RESOURCE_KEYS, "resources")
+        resources.update(raw)
+    _positive_int(resources["workers"], "resources.workers")
+    for key in ("cpus_per_worker", "gpus_per_worker"):
+        value = resources[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"resources.{key}", f"expected a non-negative number, got {value!r}.")
+    if resources["cpus_per_worker"] == 0 and resources["gpus_per_worker"] == 0:
+        raise ConfigError("resources", "a trial needs some CPU or GPU.", "Set cpus_per_worker > 0.")
+    if resources["workers"] > 1 and 0 < resources["gpus_per_worker"] < 1:
+        raise ConfigError("resources.gpus_per_worker", "fractional GPUs are for single-worker trials.",
+                          "Use whole GPUs per worker for multi-worker (DDP) trials.")
+    return resources
+
+
+def _scheduler(raw) -> dict:
+    scheduler = {"type": "none", "metric": None, "mode": "max", "grace_period": 1, "reduction_factor": 3}
+    if raw is not None:
+        _check_keys(raw, SCHEDULER_KEYS, "scheduler")
+        scheduler.update(raw)
+    if scheduler["type"] not in SCHEDULERS:
+        raise ConfigError("scheduler.type", f"unknown value {scheduler['type']!r}.",
+                          f"Allowed values: {', '.join(SCHEDULERS)}.")
+    if scheduler["mode"] not in ("max", "min"):
+        raise ConfigError("scheduler.mode", f"unknown value {scheduler['mode']!r}.", "Allowed values: max, min.")
+    _positive_int(scheduler["grace_period"], "scheduler.grace_period")
+    if not isinstance(scheduler["reduction_factor"], (int, float)) or scheduler["reduction_factor"] <= 1:
+        raise ConfigError("scheduler.reduction_factor", f"must be > 1, got {scheduler['reduction_factor']!r}.")
+    return scheduler
+
+
+def _check_trial_config(config: dict, where: str, check_paths: bool) -> dict:
+    detector = config.get("model", {}).get("detector") if isinstance(config.get("model"), dict) else None
+    if detector in PLANNED_DETECTORS:
+        raise ConfigError(f"{where}: model.detector",
+                          f"{PLANNED_DETECTORS[detector]} ({detector!r}) is not available in this version "
+                          "of alwa-sweep yet.", "It is planned (Table 3 detectors); drop these trials for now.")
+    try:
+        return validate_config(resolve_config(config), check_paths=check_paths)
+    except UserInputError as exc:
+        raise type(exc)(f"{where}: {exc.where}", exc.problem, exc.hint) from None
+
+
+def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool = True) -> Spec:
+    """Read and validate a spec (a YAML path or a dict); ``overrides`` are ``--set``
+    strings applied to the base config. Every trial's config is validated."""
+    raw = load_yaml(source) if isinstance(source, (str, Path)) else copy.deepcopy(source)
+    _check_keys(raw, SPEC_KEYS, "")
+    for required in ("base", "grid"):
+        if required not in raw:
+            raise ConfigError(required, "is missing.", "A spec needs a base config and a grid of axes.")
+    default_name = Path(source).stem if isinstance(source, (str, Path)) else "sweep"
+    name = raw.get("name", default_name)
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ConfigError("name", f"{name!r} may only hold letters, digits, '.', '_' and '-'.")
+    if not isinstance(raw["base"], dict):
+        raise ConfigError("base", "expected a mapping (a training config).")
+    base = apply_overrides(raw["base"], overrides)
+    trials = []
+    for combo in expand_grid(raw["grid"], raw.get("seeds")):
+        flat = {}
+        for axis, value in combo.items():
+            flat.update(_flatten_override(axis, value))
+        config = apply_overrides(base, flat)
+        label = trial_name(combo)
+        trials.append(Trial(key=trial_key(combo), name=label, overrides=combo,
+                            config=_check_trial_config(config, f"trial {label}", check_paths)))
+    max_concurrent = raw.get("max_concurrent")
+    _positive_int(max_concurrent, "max_concurrent", optional=True)
+    max_failures = raw.get("max_failures", 2)
+    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
+        raise ConfigError("max_failures", f"expected a non-negative integer, got {max_failures!r}.")
+    estimate = raw.get("estimate") or {}
+    _check_keys(estimate, ESTIMATE_KEYS, "estimate")
+    hours = estimate.get("hours_per_trial")
+    if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float)) or hours <= 0):
+        raise ConfigError("estimate.hours_per_trial", f"expected a positive number, got {hours!r}.")
+    experiment = raw.get("experiment", f"alwa-{name}")
+    if not isinstance(experiment, str) or not experiment.strip():
+        raise ConfigError("experiment", f"expected a non-empty name, got {experiment!r}.")
+    return Spec(name=name, description=str(raw.get("description", "")).strip(), experiment=experiment,
+                base=base, trials=trials, resources=_resources(raw.get("resources")),
+                scheduler=_scheduler(raw.get("scheduler")), max_concurrent=max_concurrent,
+                max_failures=max_failures, estimate=estimate, raw=raw)

@@ -1,0 +1,197 @@
+"""The body of one sweep trial, run inside a Ray Tune trial process.
+
+Every trial maps to exactly one MLflow run, found by its deterministic trial key (a
+tag) before a run is created, so a retried, resumed or re-launched trial continues its
+run instead of adding a duplicate, and a trial that already reached a final status is
+not trained again. The training itself is :func:`trainers.engine.train`; checkpoints
+are handed to Tune (``tune.report(..., checkpoint=...)``) so that a killed trial is
+restarted from its last one.
+
+Single-worker trials train in the Tune trial process. Multi-worker trials start a Ray
+Train ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU) from the trial function, as Ray
+Train V2 documents for Tune; only rank 0 logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from alwa_sweep.tracking import (TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRIAL_KEY,
+                                 MlflowTrainingLogger, find_runs_by_tag)
+from trainers.engine import TrainingLogger, train
+
+# Outcomes that training the same config again would only repeat.
+FINAL_STATUSES = ("ok", "nan", "overflow")
+
+
+def main_metric(metrics: dict) -> float | None:
+    for name in ("val/map", "val/ap"):
+        if name in metrics:
+            return metrics[name]
+    return None
+
+
+def find_or_create_trial_run(client, payload: dict):
+    """The trial's MLflow run (existing one by trial key, else a new child run)."""
+    runs = [r for r in find_runs_by_tag(client, payload["experiment_id"], TAG_TRIAL_KEY, payload["key"])
+            if r.data.tags.get(TAG_PARENT) == payload["parent_run_id"]]
+    if runs:
+        runs.sort(key=lambda r: r.info.start_time)
+        return runs[0]
+    tags = {TAG_KIND: "trial", TAG_TRIAL_KEY: payload["key"], TAG_SWEEP: payload["sweep_name"],
+            TAG_PARENT: payload["parent_run_id"], TAG_STATUS: "pending"}
+    return client.create_run(payload["experiment_id"], run_name=payload["name"], tags=tags)
+
+
+def _checkpoint_for_report(path: Path):
+    """A Tune/Train checkpoint holding just this checkpoint file (and its digest)."""
+    from ray import tune
+
+    staging = Path(tempfile.mkdtemp(prefix="alwa_ckpt_"))
+    for source in (path, path.with_name(path.name + ".sha256")):
+        if source.exists():
+            shutil.copy2(source, staging / source.name)
+    return tune.Checkpoint.from_directory(str(staging)), staging
+
+
+def _result(iteration: int, epoch: int, status: str, metrics: dict | None = None,
+            loss: float | None = None) -> dict:
+    score = main_metric(metrics or {})
+    return {"iteration": iteration, "epoch": epoch, "status": status,
+            "score": float(score) if score is not None else 0.0,
+            "loss": float("nan") if loss is None else loss}
+
+
+class TuneReporter(TrainingLogger):
+    """Forwards checkpoints (with the latest score) to ``report`` (Tune's or Train's)."""
+
+    all_ranks = True
+
+    def __init__(self, report, inner: TrainingLogger | None = None):
+        self.report = report
+        self.inner = inner or TrainingLogger()
+        self.metrics: dict = {}
+        self.loss: float | None = None
+
+    def start(self, config, start_iteration, total_iterations):
+        self.inner.start(config, start_iteration, total_iterations)
+
+    def on_iteration(self, iteration):
+        self.inner.on_iteration(iteration)
+
+    def log_iterations(self, rows):
+        if rows:
+            self.loss = rows[-1]["train/loss"]
+        self.inner.log_iterations(rows)
+
+    def log_evaluation(self, epoch, iteration, metrics):
+        if metrics:
+            self.metrics = metrics
+        self.inner.log_evaluation(epoch, iteration, metrics)
+
+    def on_checkpoint(self, path, iteration, epoch):
+        if path is not None:
+            self.inner.on_checkpoint(path, iteration, epoch)
+            checkpoint, staging = _checkpoint_for_report(Path(path))
+            try:
+                self.report(_result(iteration, epoch, "running", self.metrics, self.loss),
+                            checkpoint=checkpoint)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        else:
+            self.report(_result(iteration, epoch, "running", self.metrics, self.loss), checkpoint=None)
+
+    def finish(self, status, reason, metrics):
+        self.inner.finish(status, reason, metrics)
+
+
+def _resume_source(get_checkpoint, workdir: Path):
+    """Where to resume from: the framework's checkpoint, else the trial's own folder."""
+    checkpoint = get_checkpoint()
+    if checkpoint is not None:
+        local = Path(tempfile.mkdtemp(prefix="alwa_restore_"))
+        checkpoint.to_directory(str(local))
+        return local
+    if (workdir / "checkpoints").is_dir():
+        return True
+    return None
+
+
+def _train_with_logging(payload: dict, report, get_checkpoint, device=None, is_main=True):
+    from mlflow.tracking import MlflowClient
+
+    workdir = Path(payload["workdir"])
+    inner = None
+    if is_main:
+        client = MlflowClient(payload["tracking_uri"])
+        inner = MlflowTrainingLogger(client, payload["run_id"])
+    reporter = TuneReporter(report, inner)
+    resume = _resume_source(get_checkpoint, workdir)
+    try:
+        result = train(payload["config"], workdir=workdir, logger=reporter, resume=resume, device=device)
+    finally:
+        if isinstance(resume, Path):
+            shutil.rmtree(resume, ignore_errors=True)
+    return result
+
+
+def run_trial(params: dict) -> None:
+    """The Tune function trainable."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    payload = dict(params["trial"])
+    client = MlflowClient(payload["tracking_uri"])
+    run = find_or_create_trial_run(client, payload)
+    payload["run_id"] = run.info.run_id
+    status = run.data.tags.get(TAG_STATUS)
+    if status in FINAL_STATUSES:
+        tune.report({**_result(0, 0, status, run.data.metrics), "skipped": True})
+        return
+    try:
+        if payload["workers"] > 1:
+            # Rank 0's last ray.train.report reaches Tune through TuneReportCallback.
+            _run_distributed(payload)
+            return
+        result = _train_with_logging(payload, tune.report, tune.get_checkpoint)
+    except Exception as exc:  # recorded in MLflow by the engine; the sweep goes on
+        client.set_tag(payload["run_id"], TAG_STATUS, "error")
+        client.set_tag(payload["run_id"], "alwa.status_reason", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(payload["run_id"], "FAILED")
+        tune.report({**_result(0, 0, "error"), "error": f"{type(exc).__name__}: {exc}"[:500]})
+        return
+    tune.report(_result(result.iterations, -1, result.status, result.metrics))
+
+
+def _train_worker(payload: dict) -> None:
+    """One Ray Train worker: the engine under the process group Ray Train started."""
+    import ray.train
+    import ray.train.torch
+
+    is_main = ray.train.get_context().get_world_rank() == 0
+    result = _train_with_logging(payload, ray.train.report, ray.train.get_checkpoint,
+                                 device=ray.train.torch.get_device(), is_main=is_main)
+    ray.train.report(_result(result.iterations, -1, result.status, result.metrics), checkpoint=None)
+
+
+def _run_distributed(payload: dict) -> None:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    use_gpu = payload["gpus_per_worker"] > 0
+    per_worker = {"CPU": payload["cpus_per_worker"]}
+    if use_gpu:
+        per_worker["GPU"] = payload["gpus_per_worker"]
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config=payload,
+        scaling_config=ray.train.ScalingConfig(num_workers=payload["workers"], use_gpu=use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(name=f"train-{payload['key']}", storage_path=payload["train_storage"],
+                                       callbacks=[TuneReportCallback()],
+                                       failure_config=ray.train.FailureConfig(max_failures=payload["max_failures"])),
+    )
+    trainer.fit()

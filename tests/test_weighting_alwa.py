@@ -1,0 +1,340 @@
+"""ALWA against a deliberately naive re-implementation of PAPER.md sections 2-3.
+
+The reference below uses Python floats, lists and the ``statistics`` module, and is
+written from the paper's description, not from trainers/weighting/alwa.py.
+"""
+
+import io
+import math
+import random
+import statistics
+
+import pytest
+import torch
+
+from trainers.errors import ConfigError
+from trainers.weighting import ALWA, build_weighting
+
+
+class NaiveALWA:
+    def __init__(self, variant, lambda0, interval, convention, records):
+        self.variant, self.lambda0, self.interval = variant, lambda0, interval
+        self.convention, self.records = convention, records
+        self.alpha = 1.0
+        self.k = 0
+        self.s_cls, self.s_reg = [], []
+        self.updates = []  # (k, cls score, reg score) of every update
+
+    def spread(self, values):
+        if len(values) == 1:
+            return 0.0  # documented choice: the std of a single record is 0
+        if self.convention == "official":
+            return statistics.stdev(values)  # sample std (ddof = 1), as released
+        return statistics.pstdev(values)  # population std (ddof = 0), Algorithm 1
+
+    def score(self, values):
+        if self.variant == 1:
+            return statistics.fmean(values) + self.spread(values)
+        return self.spread(values)
+
+    def step(self, cls, reg):
+        self.k += 1
+        cls_weighted = self.alpha * self.lambda0 * cls
+        reg_weighted = self.lambda0 * reg
+        if self.records == "weighted":
+            self.s_cls.append(cls_weighted)
+            self.s_reg.append(reg_weighted)
+        else:
+            self.s_cls.append(cls)
+            self.s_reg.append(reg)
+        i = self.k if self.convention == "official" else self.k - 1
+        updated = i % self.interval == 0
+        if updated:
+            cls_score, reg_score = self.score(self.s_cls), self.score(self.s_reg)
+            self.s_cls, self.s_reg = [], []
+            self.updates.append((self.k, cls_score, reg_score))
+            if cls_score > reg_score:
+                self.alpha = reg_score / cls_score
+        return cls_weighted, reg_weighted, updated
+
+
+def loss_sequence(seed, n):
+    """Losses with trends, regime changes and noise so that cls dominates sometimes
+    (in mean and in spread) and reg at other times."""
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        phase = math.sin(k / 90.0)
+        cls_noise = 0.05 + 0.4 * (1 + phase) / 2
+        reg_noise = 0.05 + 0.3 * (1 - phase) / 2
+        cls = 1.5 * math.exp(-k / 400.0) + 0.4 + cls_noise * rng.random()
+        reg = 0.6 + 0.5 * math.sin(k / 150.0 + 1.0) ** 2 + reg_noise * rng.random()
+        out.append((cls, reg))
+    return out
+
+
+def run_alwa(alwa, losses):
+    rows = []
+    for cls, reg in losses:
+        cls_w, reg_w = alwa(torch.tensor(cls, dtype=torch.float64), torch.tensor(reg, dtype=torch.float64))
+        rows.append((float(cls_w), float(reg_w), alwa.updated(), alwa.alpha))
+    return rows
+
+
+CASES = [
+    (variant, convention, records, interval)
+    for variant in (1, 2)
+    for convention in ("official", "paper")
+    for records in ("weighted", "raw")
+    for interval in (1, 3, 7, 100)
+]
+
+
+@pytest.mark.parametrize("variant,convention,records,interval", CASES)
+def test_alpha_sequence_matches_naive_reference_and_resumes_identically(variant, convention, records, interval):
+    n_calls = 1200
+    seed = CASES.index((variant, convention, records, interval))
+    losses = loss_sequence(seed, n_calls)
+    lambda0 = 0.75 if variant == 2 else 1.0
+    config = dict(variant=variant, lambda0=lambda0, interval=interval, convention=convention, records=records)
+
+    reference = NaiveALWA(**config)
+    expected = []
+    for cls, reg in losses:
+        cls_w, reg_w, updated = reference.step(cls, reg)
+        expected.append((cls_w, reg_w, updated, reference.alpha))
+
+    # The data exercise both branches: some updates lower α, some leave it.
+    changed = sum(c > r for _, c, r in reference.updates)
+    kept = len(reference.updates) - changed
+    if not (variant == 2 and interval == 1):  # one record per window: both stds are 0
+        assert changed > 0 and kept > 0, (changed, kept)
+
+    got = run_alwa(ALWA(**config), losses)
+    for k, (row, ref) in enumerate(zip(got, expected), start=1):
+        assert row[2] == ref[2], f"call {k}: updated {row[2]} != {ref[2]}"
+        assert row[0] == pytest.approx(ref[0], rel=1e-10), f"call {k}: cls_w"
+        assert row[1] == pytest.approx(ref[1], rel=1e-12), f"call {k}: reg_w"
+        assert row[3] == pytest.approx(ref[3], rel=1e-10), f"call {k}: alpha"
+
+    # Resume mid-window through a weights_only checkpoint: identical continuation.
+    stop = random.Random(seed + 1).randrange(1, n_calls - 1)
+    if interval > 2:
+        while ALWA(**config)._update_due(stop):  # make sure the save falls inside a window
+            stop += 1
+    first = ALWA(**config)
+    head = run_alwa(first, losses[:stop])
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = ALWA(**config)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.alpha == first.alpha
+    tail = run_alwa(resumed, losses[stop:])
+    assert head + tail == got  # exact: same arithmetic, same records
+
+
+def test_weighted_values_gradients_and_alpha_is_the_next_calls_alpha():
+    alwa = ALWA(variant=2, lambda0=0.5, interval=4)
+    rng = random.Random(3)
+    next_alpha = alwa.alpha
+    assert next_alpha == 1.0
+    seen_alpha_below_one = False
+    for k in range(1, 41):
+        x = torch.tensor([rng.uniform(1, 3), rng.uniform(0, 2)], dtype=torch.float64, requires_grad=True)
+        cls_loss = (x[0] ** 2).reshape(())  # the loss comes out of a graph, like a detector's
+        reg_loss = x[1] * 0.3
+        cls_w, reg_w = alwa(cls_loss, reg_loss)
+        assert cls_w.item() == pytest.approx(next_alpha * 0.5 * cls_loss.item(), rel=1e-12)
+        assert reg_w.item() == pytest.approx(0.5 * reg_loss.item(), rel=1e-12)
+        d_cls, = torch.autograd.grad(cls_w, cls_loss, retain_graph=True)
+        d_reg, = torch.autograd.grad(reg_w, reg_loss, retain_graph=True)
+        assert d_cls.item() == pytest.approx(next_alpha * 0.5, rel=1e-12)
+        assert d_reg.item() == pytest.approx(0.5, rel=1e-12)
+        # and through to the network: d cls_w / d x0 = α·λ0·2·x0
+        grad_x, = torch.autograd.grad(cls_w, x)
+        assert grad_x[0].item() == pytest.approx(next_alpha * 0.5 * 2 * x[0].item(), rel=1e-12)
+        logged = alwa.log_values()
+        assert float(logged["alpha"]) == next_alpha
+        assert float(logged["cls"]) == pytest.approx(next_alpha * 0.5, rel=1e-12)
+        assert logged["reg"] == 0.5
+        seen_alpha_below_one |= next_alpha < 1
+        next_alpha = alwa.alpha
+    assert seen_alpha_below_one
+
+
+def test_log_values_keys_on_update_and_non_update_calls():
+    alwa = ALWA(variant=1, interval=5)
+    window = []
+    for k in range(1, 16):
+        cls, reg = 1.0 + 0.1 * k, 0.5 + 0.05 * (k % 3)
+        alwa(torch.tensor(cls), torch.tensor(reg))
+        window.append((float(alwa.log_values()["cls"]) * cls, reg))
+        keys = set(alwa.log_values())
+        if k % 5 == 0:
+            assert alwa.updated()
+            assert keys == {"cls", "reg", "alpha", "window/cls_mean", "window/cls_std",
+                            "window/reg_mean", "window/reg_std"}
+            values = alwa.log_values()
+            cls_records = [c for c, _ in window]
+            reg_records = [r for _, r in window]
+            assert float(values["window/cls_mean"]) == pytest.approx(statistics.fmean(cls_records), rel=1e-6)
+            assert float(values["window/cls_std"]) == pytest.approx(statistics.stdev(cls_records), rel=1e-5)
+            assert float(values["window/reg_mean"]) == pytest.approx(statistics.fmean(reg_records), rel=1e-6)
+            assert float(values["window/reg_std"]) == pytest.approx(statistics.stdev(reg_records), rel=1e-5)
+            window = []
+        else:
+            assert not alwa.updated()
+            assert keys == {"cls", "reg", "alpha"}
+    assert ALWA().log_values() == {}
+
+
+def test_logged_tensors_are_not_overwritten_by_later_calls():
+    alwa = ALWA(interval=2)
+    alwa(torch.tensor(3.0), torch.tensor(1.0))
+    first = alwa.log_values()
+    for _ in range(5):
+        alwa(torch.tensor(5.0), torch.tensor(1.0))
+    assert float(first["alpha"]) == 1.0 and float(first["cls"]) == 1.0
+
+
+def test_float32_losses_keep_their_dtype():
+    alwa = ALWA(interval=2)
+    for _ in range(4):
+        cls_w, reg_w = alwa(torch.tensor(2.0), torch.tensor(0.5))
+        assert cls_w.dtype == torch.float32 and reg_w.dtype == torch.float32
+    # windows of identical values: mean+std = 2·α_prev vs 0.5 (ddof=1 std is 0)
+    assert alwa.alpha == pytest.approx(0.25)
+
+
+class SyncCounter:
+    """Patches every Tensor method that copies a value to the host; counts the calls."""
+
+    NAMES = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, original))
+
+    def _counting(self, name, original):
+        def wrapper(tensor, *args, **kwargs):
+            self.calls.append(name)
+            return original(tensor, *args, **kwargs)
+        return wrapper
+
+
+@pytest.mark.parametrize("convention", ["official", "paper"])
+@pytest.mark.parametrize("sync_records", [False, True])
+def test_no_host_sync_per_call_nor_per_update(monkeypatch, convention, sync_records):
+    losses = [(torch.tensor(2.0 + (k % 5) * 0.3), torch.tensor(1.0 + (k % 3) * 0.1)) for k in range(60)]
+    alwa = ALWA(variant=1, interval=7, convention=convention, sync_records=sync_records)
+    alwa(*losses[0])  # first call moves the state to the loss's device: outside the count
+    counter = SyncCounter(monkeypatch)
+    updates = 0
+    for cls, reg in losses[1:]:
+        alwa(cls, reg)
+        alwa.log_values()
+        updates += alwa.updated()
+    monkeypatch.undo()
+    assert updates >= 7
+    assert counter.calls == []
+    assert alwa.alpha < 1.0  # the updates did happen on the device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_cuda_sync_under_sync_debug_mode():
+    device = torch.device("cuda")
+    losses = [(torch.rand((), device=device) + 1, torch.rand((), device=device)) for _ in range(50)]
+    alwa = ALWA(variant=2, interval=5)
+    alwa(*losses[0])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for cls, reg in losses[1:]:
+            alwa(cls, reg)
+            alwa.log_values()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert 0 < alwa.alpha <= 1
+
+
+def test_state_dict_rejects_a_different_configuration():
+    alwa = ALWA(interval=10)
+    alwa(torch.tensor(1.0), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="interval"):
+        ALWA(interval=20).load_state_dict(alwa.state_dict())
+
+
+def test_state_dict_round_trip_right_after_an_update():
+    losses = loss_sequence(11, 50)
+    full = run_alwa(ALWA(variant=2, interval=5), losses)
+    first = ALWA(variant=2, interval=5)
+    head = run_alwa(first, losses[:20])  # call 20 updated: empty window saved
+    assert first.state_dict()["window"].shape == (2, 0)
+    resumed = ALWA(variant=2, interval=5)
+    resumed.load_state_dict(first.state_dict())
+    assert head + run_alwa(resumed, losses[20:]) == full
+
+
+def _distributed_worker(rank, world_size, init_file, result_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        losses = loss_sequence(100 + rank, 40)  # each rank sees different losses
+        alwa = ALWA(variant=1, interval=4, sync_records=True)
+        alphas = [row[3] for row in run_alwa(alwa, losses)]
+        torch.save({"alphas": alphas}, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_sync_records_averages_the_records_across_ranks(tmp_path):
+    world_size = 2
+    result_file = tmp_path / "alphas"
+    torch.multiprocessing.spawn(_distributed_worker, args=(world_size, str(tmp_path / "init"), str(result_file)),
+                                nprocs=world_size, join=True)
+    alphas = [torch.load(f"{result_file}.{r}", weights_only=True)["alphas"] for r in range(world_size)]
+    assert alphas[0] == alphas[1]  # every rank derives the same α
+
+    # Reference: the records of both ranks averaged element-wise, then Algorithm 1
+    # with the released conventions (mean + sample std over each window of 4).
+    per_rank = [loss_sequence(100 + r, 40) for r in range(world_size)]
+    alpha, window_cls, window_reg, expected = 1.0, [], [], []
+    for k in range(1, 41):
+        window_cls.append(statistics.fmean(alpha * seq[k - 1][0] for seq in per_rank))
+        window_reg.append(statistics.fmean(seq[k - 1][1] for seq in per_rank))
+        if k % 4 == 0:
+            cls_score = statistics.fmean(window_cls) + statistics.stdev(window_cls)
+            reg_score = statistics.fmean(window_reg) + statistics.stdev(window_reg)
+            if cls_score > reg_score:
+                alpha = reg_score / cls_score
+            window_cls, window_reg = [], []
+        expected.append(alpha)
+    assert alphas[0] == pytest.approx(expected, rel=1e-10)
+    assert min(expected) < 1.0
+
+
+@pytest.mark.parametrize("field,value", [
+    ("variant", 3), ("variant", "1"), ("interval", 0), ("interval", -5), ("interval", 2.5),
+    ("lambda0", 0.0), ("lambda0", -1.0), ("convention", "oficial"), ("records", "weigted"),
+    ("sync_records", "yes"),
+])
+def test_alwa_config_errors_name_the_field(field, value):
+    with pytest.raises(ConfigError) as error:
+        build_weighting({"method": "alwa", field: value})
+    assert error.value.where == f"weighting.{field}"
+    with pytest.raises(ConfigError):
+        ALWA(**{field: value})
+
+
+def test_build_weighting_makes_the_configured_alwa():
+    alwa = build_weighting({"method": "alwa", "head": "rpn", "variant": 2, "lambda0": 0.5, "interval": 20,
+                            "convention": "paper", "records": "raw", "sync_records": False})
+    assert isinstance(alwa, ALWA)
+    assert (alwa.variant, alwa.lambda0, alwa.interval, alwa.convention, alwa.records) == (2, 0.5, 20, "paper", "raw")
+    default = build_weighting({"method": "alwa"})
+    assert (default.variant, default.lambda0, default.interval, default.convention, default.records,
+            default.sync_records) == (1, 1.0, 100, "official", "weighted", False)

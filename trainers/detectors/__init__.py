@@ -1,0 +1,18 @@
+"""Detectors: torchvision's Faster R-CNN, Mask R-CNN and RetinaNet whose training
+forward returns the raw (unweighted) loss of every head, so a loss-weighting method
+can act on one head's (cls, reg) pair.
+
+- ``build_detector(model_cfg)`` / ``validate_model_config(model_cfg)`` / ``DETECTORS``:
+  trainers/detectors/build.py
+- one file per family: two_stage.py (Faster/Mask R-CNN), retinanet.py; backbones.py
+  (tiny and ResNet-FPN backbones, anchors, cached ImageNet weights)
+
+Train-mode output keys: two-stage ``rpn_cls``, ``rpn_reg``, ``roi_cls``, ``roi_reg``
+(+ ``mask``); RetinaNet ``retina_cls``, ``retina_reg``. Every model has
+``weighted_head`` ("rpn" / "retina"; may be set to "roi") and, after a train forward,
+``kpis`` = {"cls_acc", "reg_iou"} (detached scalars) for that head.
+"""
+
+from trainers.detectors.build import DETECTORS, build_detector, validate_model_config
+
+__all__ = ["DETECTORS", "build_detector", "validate_model_config"]

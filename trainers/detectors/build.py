@@ -1,0 +1,181 @@
+"""``model:`` config → detector. One plain dict from name to builder, validated up front.
+
+```yaml
+model:
+  detector: faster_rcnn      # faster_rcnn | retinanet | mask_rcnn
+  backbone: resnet50         # tiny | resnet50 | resnet101
+  pretrained: imagenet       # none | imagenet (read from the torch hub cache, never downloaded)
+  num_classes: 20            # object classes without background; models get K+1 outputs
+  min_size: 600              # GeneralizedRCNNTransform: short side ...
+  max_size: 1000             # ... and long-side cap (mmdetection's scale (1000, 600))
+  losses:                    # regression loss per head (trainers/losses.py)
+    rpn_reg: {type: l1}      # two-stage detectors
+    roi_reg: {type: l1}      # two-stage detectors
+    retina_reg: {type: l1}   # RetinaNet
+```
+Settings of the R50/R101 models follow mmdetection's configs used by the paper
+(sampling 256 anchors at 0.7/0.3 IoU in the RPN, 512 ROIs with 25 % positives,
+1000 proposals per image, 100 detections at score ≥ 0.05 and NMS 0.5). The tiny
+backbone keeps the same layout with smaller heads and anchors.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+from torch import nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+from trainers.detectors.backbones import BACKBONES, PRETRAINED_CHOICES, anchor_generator, build_backbone
+from trainers.detectors.retinanet import RetinaNetWithHeadLosses
+from trainers.detectors.two_stage import FasterRCNNWithHeadLosses, MaskRCNNWithHeadLosses
+from trainers.errors import ConfigError, choice_error
+from trainers.losses import BoxRegressionLoss
+
+MODEL_KEYS = ("detector", "backbone", "pretrained", "num_classes", "min_size", "max_size", "losses")
+LOSS_KEYS_BY_DETECTOR = {
+    "faster_rcnn": ("rpn_reg", "roi_reg"),
+    "mask_rcnn": ("rpn_reg", "roi_reg"),
+    "retinanet": ("retina_reg",),
+}
+MODEL_DEFAULTS = {
+    "detector": "faster_rcnn",
+    "backbone": "resnet50",
+    "pretrained": "none",
+    "num_classes": None,
+    "min_size": 600,
+    "max_size": 1000,
+    "losses": {},
+}
+
+
+def validate_model_config(model_cfg: dict) -> dict:
+    """Check every ``model.*`` field; returns a resolved copy (defaults filled,
+    ``losses`` as :class:`BoxRegressionLoss` per head). ``num_classes`` may still be
+    None here (the engine fills it from the dataset); ``build_detector`` requires it."""
+    if not isinstance(model_cfg, dict):
+        raise ConfigError("model", f"expected a mapping, got {type(model_cfg).__name__}.")
+    for key in model_cfg:
+        if key not in MODEL_KEYS:
+            raise choice_error(f"model.{key}", key, MODEL_KEYS)
+    cfg = copy.deepcopy(MODEL_DEFAULTS)
+    cfg.update({k: v for k, v in model_cfg.items() if v is not None or k == "num_classes"})
+
+    if cfg["detector"] not in DETECTORS:
+        raise choice_error("model.detector", cfg["detector"], DETECTORS)
+    if cfg["backbone"] not in BACKBONES:
+        raise choice_error("model.backbone", cfg["backbone"], BACKBONES)
+    if cfg["pretrained"] in (False, "None"):
+        cfg["pretrained"] = "none"
+    if cfg["pretrained"] not in PRETRAINED_CHOICES:
+        raise choice_error("model.pretrained", cfg["pretrained"], PRETRAINED_CHOICES)
+    if cfg["backbone"] == "tiny" and cfg["pretrained"] == "imagenet":
+        raise ConfigError("model.pretrained", "the tiny backbone has no ImageNet weights.", "Use pretrained: none.")
+    if cfg["num_classes"] is not None:
+        _positive_int(cfg["num_classes"], "model.num_classes")
+    _positive_int(cfg["min_size"], "model.min_size")
+    _positive_int(cfg["max_size"], "model.max_size")
+    if cfg["min_size"] > cfg["max_size"]:
+        raise ConfigError(
+            "model.min_size", f"{cfg['min_size']} is larger than model.max_size {cfg['max_size']}.",
+            "min_size is the short side, max_size the cap on the long side.",
+        )
+
+    losses = cfg["losses"] if cfg["losses"] is not None else {}
+    if not isinstance(losses, dict):
+        raise ConfigError("model.losses", f"expected a mapping of head → loss, got {losses!r}.")
+    allowed = LOSS_KEYS_BY_DETECTOR[cfg["detector"]]
+    for head in losses:
+        if head not in allowed:
+            raise ConfigError(
+                f"model.losses.{head}",
+                f"no such regression head in {cfg['detector']}.",
+                f"Allowed keys: {', '.join(allowed)}.",
+            )
+    cfg["losses"] = {head: BoxRegressionLoss.from_config(losses.get(head), f"model.losses.{head}") for head in allowed}
+    return cfg
+
+
+def build_detector(model_cfg: dict) -> nn.Module:
+    """Validate ``model_cfg`` and build the detector (train forward → dict of raw head losses)."""
+    cfg = validate_model_config(model_cfg)
+    if cfg["num_classes"] is None:
+        raise ConfigError("model.num_classes", "is required to build a detector.", "Set it to the number of object classes.")
+    return DETECTORS[cfg["detector"]](cfg)
+
+
+def _two_stage_settings(cfg: dict, with_masks: bool) -> dict:
+    """Keyword arguments of torchvision's FasterRCNN / MaskRCNN for this backbone."""
+    num_outputs = cfg["num_classes"] + 1  # + background (index 0), torchvision's convention
+    settings = dict(
+        min_size=cfg["min_size"],
+        max_size=cfg["max_size"],
+        rpn_anchor_generator=anchor_generator(cfg["backbone"], for_retinanet=False),
+        # mmdetection: 2000 per level before NMS, 1000 kept after (torchvision: 2000).
+        rpn_post_nms_top_n_train=1000,
+        box_detections_per_img=100,
+    )
+    if cfg["backbone"] == "tiny":
+        # Small images: fewer proposals and ROIs, a narrow box head (speed on CPU).
+        channels, representation = 32, 256
+        settings.update(
+            rpn_post_nms_top_n_train=300,
+            rpn_post_nms_top_n_test=300,
+            box_batch_size_per_image=128,
+            box_head=TwoMLPHead(channels * 7 * 7, representation),
+            box_predictor=FastRCNNPredictor(representation, num_outputs),
+            num_classes=None,
+        )
+        if with_masks:
+            settings.update(
+                mask_head=MaskRCNNHeads(channels, (channels, channels), 1),
+                mask_predictor=MaskRCNNPredictor(channels, channels, num_outputs),
+            )
+    else:
+        settings["num_classes"] = num_outputs
+    return settings
+
+
+def build_faster_rcnn(cfg: dict) -> nn.Module:
+    backbone = build_backbone(cfg["backbone"], cfg["pretrained"], for_retinanet=False)
+    settings = _two_stage_settings(cfg, with_masks=False)
+    num_classes = settings.pop("num_classes")
+    return FasterRCNNWithHeadLosses(
+        backbone, num_classes, cfg["losses"]["rpn_reg"], cfg["losses"]["roi_reg"], **settings
+    )
+
+
+def build_mask_rcnn(cfg: dict) -> nn.Module:
+    backbone = build_backbone(cfg["backbone"], cfg["pretrained"], for_retinanet=False)
+    settings = _two_stage_settings(cfg, with_masks=True)
+    num_classes = settings.pop("num_classes")
+    return MaskRCNNWithHeadLosses(
+        backbone, num_classes, cfg["losses"]["rpn_reg"], cfg["losses"]["roi_reg"], **settings
+    )
+
+
+def build_retinanet(cfg: dict) -> nn.Module:
+    backbone = build_backbone(cfg["backbone"], cfg["pretrained"], for_retinanet=True)
+    return RetinaNetWithHeadLosses(
+        backbone,
+        cfg["num_classes"] + 1,  # column 0 unused (background), so labels 1..K line up
+        anchor_generator(cfg["backbone"], for_retinanet=True),
+        cfg["losses"]["retina_reg"],
+        min_size=cfg["min_size"],
+        max_size=cfg["max_size"],
+        detections_per_img=100,  # mmdetection max_per_img (torchvision: 300)
+    )
+
+
+DETECTORS: dict[str, Callable[[dict], nn.Module]] = {
+    "faster_rcnn": build_faster_rcnn,
+    "retinanet": build_retinanet,
+    "mask_rcnn": build_mask_rcnn,
+}
+
+
+def _positive_int(value, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(where, f"expected a positive integer, got {value!r}.")

@@ -1,0 +1,224 @@
+"""Box-regression losses for the detectors' heads, one value per box.
+
+Two families, as in mmdetection 2.x (the code the paper's results come from):
+
+- the L1 family (``l1``, ``smooth_l1``) compares the *encoded* deltas (dx, dy, dw, dh)
+  that the head predicts with the deltas that encode the ground truth box, and sums
+  the four coordinates: one number per box;
+- the IoU family (``giou``, ``diou``, ``ciou``) first *decodes* the predicted deltas
+  with the head's box coder against the anchors (or proposals) and compares the
+  decoded box with the ground truth box: again one number per box
+  (mmdetection: ``reg_decoded_bbox=True``).
+
+Every function here returns the per-box losses, shape ``(N,)``; summing over the
+positives and dividing by the head's normaliser is the head's job
+(trainers/detectors), because that normaliser differs between heads.
+
+Why ``loss_weight``: one L1 box loss sums four coordinates of deltas that are
+normalised by the coder's weights, an IoU loss is a single number in [0, 2], so the
+two are on different scales. mmdetection's IoU configs compensate with a
+``loss_weight`` (10.0 in the GIoU configs, 12.0 in ``faster_rcnn_r50_fpn_ciou``);
+the ALWA release's commented-out CIoU setting uses 1.0. We expose the same knob per
+head (default 1.0) and apply it inside :class:`BoxRegressionLoss`, so the head
+losses the detectors return already include it. The ALWA/fixed loss weights of the
+weighting methods are separate multipliers applied by the engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainers.errors import ConfigError, choice_error
+
+# torchvision.ops uses 1e-7 in its IoU losses; mmdetection 2.x uses 1e-6. The
+# difference only matters for degenerate (zero-area) boxes.
+IOU_EPS = 1e-7
+
+
+def l1_loss(pred_deltas: Tensor, target_deltas: Tensor) -> Tensor:
+    """|pred - target| summed over the four deltas of each box."""
+    return (pred_deltas - target_deltas).abs().sum(dim=-1)
+
+
+def smooth_l1_loss(pred_deltas: Tensor, target_deltas: Tensor, beta: float = 1.0) -> Tensor:
+    """Smooth L1 (Huber / beta) summed over the four deltas of each box.
+
+    0.5·x²/beta where |x| < beta, |x| − 0.5·beta elsewhere; beta = 0 is plain L1.
+    torchvision's RPN and ROI heads hard-code beta = 1/9; mmdetection's SmoothL1Loss
+    defaults to beta = 1.0, which is what the paper's SmoothL1 rows use.
+    """
+    return F.smooth_l1_loss(pred_deltas, target_deltas, beta=beta, reduction="none").sum(dim=-1)
+
+
+def paired_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = IOU_EPS) -> Tensor:
+    """IoU of boxes1[i] with boxes2[i] (x1, y1, x2, y2), shape (N,).
+
+    torchvision.ops.box_iou gives the full N×M matrix; the losses and KPIs need only
+    the diagonal.
+    """
+    return _overlap_terms(boxes1, boxes2, eps)[0]
+
+
+def _overlap_terms(boxes1: Tensor, boxes2: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """IoU, union area and the smallest enclosing box's width and height."""
+    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
+    gx1, gy1, gx2, gy2 = boxes2.unbind(dim=-1)
+    inter_w = (torch.min(x2, gx2) - torch.max(x1, gx1)).clamp(min=0)
+    inter_h = (torch.min(y2, gy2) - torch.max(y1, gy1)).clamp(min=0)
+    intersection = inter_w * inter_h
+    union = (x2 - x1) * (y2 - y1) + (gx2 - gx1) * (gy2 - gy1) - intersection
+    iou = intersection / (union + eps)
+    enclose_w = torch.max(x2, gx2) - torch.min(x1, gx1)
+    enclose_h = torch.max(y2, gy2) - torch.min(y1, gy1)
+    return iou, union, enclose_w, enclose_h
+
+
+def giou_loss(pred_boxes: Tensor, target_boxes: Tensor, eps: float = IOU_EPS) -> Tensor:
+    """1 − GIoU (Rezatofighi et al., CVPR 2019)."""
+    iou, union, enclose_w, enclose_h = _overlap_terms(pred_boxes, target_boxes, eps)
+    enclose_area = enclose_w * enclose_h
+    giou = iou - (enclose_area - union) / (enclose_area + eps)
+    return 1 - giou
+
+
+def _normalised_centre_distance(pred_boxes: Tensor, target_boxes: Tensor, enclose_w: Tensor, enclose_h: Tensor, eps: float) -> Tensor:
+    """ρ²(centres) / c², c the diagonal of the smallest enclosing box (the DIoU penalty)."""
+    pred_centre = (pred_boxes[..., :2] + pred_boxes[..., 2:]) / 2
+    target_centre = (target_boxes[..., :2] + target_boxes[..., 2:]) / 2
+    centre_distance_sq = ((pred_centre - target_centre) ** 2).sum(dim=-1)
+    diagonal_sq = enclose_w**2 + enclose_h**2 + eps
+    return centre_distance_sq / diagonal_sq
+
+
+def diou_loss(pred_boxes: Tensor, target_boxes: Tensor, eps: float = IOU_EPS) -> Tensor:
+    """1 − IoU + ρ²/c² (Zheng et al., AAAI 2020)."""
+    iou, _, enclose_w, enclose_h = _overlap_terms(pred_boxes, target_boxes, eps)
+    return 1 - iou + _normalised_centre_distance(pred_boxes, target_boxes, enclose_w, enclose_h, eps)
+
+
+def ciou_loss(pred_boxes: Tensor, target_boxes: Tensor, eps: float = IOU_EPS) -> Tensor:
+    """1 − IoU + ρ²/c² + α·v (Zheng et al., AAAI 2020).
+
+    v = 4/π²·(atan(w_gt/h_gt) − atan(w/h))² measures the aspect-ratio mismatch and
+    α = v / (1 − IoU + v) is treated as a constant (no gradient), as in the paper,
+    torchvision.ops.complete_box_iou_loss and mmdetection. Later mmdetection
+    releases (≥ 2.11) also zero α where IoU < 0.5; the paper's code base predates that.
+    """
+    iou, _, enclose_w, enclose_h = _overlap_terms(pred_boxes, target_boxes, eps)
+    distance_penalty = _normalised_centre_distance(pred_boxes, target_boxes, enclose_w, enclose_h, eps)
+    pred_w = pred_boxes[..., 2] - pred_boxes[..., 0]
+    pred_h = pred_boxes[..., 3] - pred_boxes[..., 1]
+    target_w = target_boxes[..., 2] - target_boxes[..., 0]
+    target_h = target_boxes[..., 3] - target_boxes[..., 1]
+    v = (4 / math.pi**2) * (torch.atan(target_w / target_h) - torch.atan(pred_w / pred_h)) ** 2
+    with torch.no_grad():
+        alpha = v / (1 - iou + v + eps)
+    return 1 - iou + distance_penalty + alpha * v
+
+
+# name -> per-box loss. The L1 family takes (pred_deltas, target_deltas[, beta]),
+# the IoU family takes (pred_boxes, target_boxes).
+REGRESSION_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "l1": l1_loss,
+    "smooth_l1": smooth_l1_loss,
+    "giou": giou_loss,
+    "diou": diou_loss,
+    "ciou": ciou_loss,
+}
+DECODED_BOX_LOSSES = frozenset({"giou", "diou", "ciou"})
+
+
+def regression_loss(
+    name: str,
+    pred_deltas: Optional[Tensor],
+    target_deltas: Optional[Tensor],
+    pred_boxes: Optional[Tensor] = None,
+    target_boxes: Optional[Tensor] = None,
+    beta: float = 1.0,
+) -> Tensor:
+    """Per-box loss of type ``name``: the L1 family reads the deltas, the IoU family the boxes."""
+    if name not in REGRESSION_LOSSES:
+        raise ValueError(f"unknown regression loss {name!r}; allowed: {sorted(REGRESSION_LOSSES)}")
+    if name in DECODED_BOX_LOSSES:
+        if pred_boxes is None or target_boxes is None:
+            raise ValueError(f"{name} compares decoded boxes: pass pred_boxes and target_boxes")
+        return REGRESSION_LOSSES[name](pred_boxes, target_boxes)
+    if pred_deltas is None or target_deltas is None:
+        raise ValueError(f"{name} compares encoded deltas: pass pred_deltas and target_deltas")
+    if name == "smooth_l1":
+        return smooth_l1_loss(pred_deltas, target_deltas, beta=beta)
+    return l1_loss(pred_deltas, target_deltas)
+
+
+LOSS_CONFIG_KEYS = ("type", "beta", "loss_weight")
+
+
+@dataclass(frozen=True)
+class BoxRegressionLoss:
+    """The configured regression loss of one head: ``{type, beta, loss_weight}``.
+
+    Calling it returns ``loss_weight`` × the per-box loss of the positives, decoding
+    the predicted deltas only when the loss type needs boxes.
+    """
+
+    type: str = "l1"
+    beta: float = 1.0
+    loss_weight: float = 1.0
+
+    @property
+    def uses_decoded_boxes(self) -> bool:
+        return self.type in DECODED_BOX_LOSSES
+
+    @classmethod
+    def from_config(cls, config: Optional[dict], where: str) -> "BoxRegressionLoss":
+        """Validate one ``model.losses.<head>`` entry; ``where`` names it in errors."""
+        if config is None:
+            return cls()
+        if not isinstance(config, dict):
+            raise ConfigError(where, f"expected a mapping like {{type: l1}}, got {config!r}.")
+        for key in config:
+            if key not in LOSS_CONFIG_KEYS:
+                raise choice_error(f"{where}.{key}", key, LOSS_CONFIG_KEYS)
+        loss_type = config.get("type", "l1")
+        if loss_type not in REGRESSION_LOSSES:
+            raise choice_error(f"{where}.type", loss_type, REGRESSION_LOSSES)
+        beta = _non_negative_number(config.get("beta", 1.0), f"{where}.beta")
+        loss_weight = _non_negative_number(config.get("loss_weight", 1.0), f"{where}.loss_weight")
+        return cls(type=loss_type, beta=beta, loss_weight=loss_weight)
+
+    def __call__(
+        self,
+        pred_deltas: Tensor,
+        reference_boxes: Tensor,
+        target_boxes: Tensor,
+        box_coder,
+        target_deltas: Optional[Tensor] = None,
+        pred_boxes: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Per-box weighted loss for positives.
+
+        ``reference_boxes`` are the anchors (or proposals) the deltas are relative to,
+        ``box_coder`` the head's ``det_utils.BoxCoder``. ``target_deltas`` and
+        ``pred_boxes`` may be passed when the caller already has them.
+        """
+        if self.uses_decoded_boxes:
+            if pred_boxes is None:
+                pred_boxes = box_coder.decode_single(pred_deltas, reference_boxes)
+            per_box = REGRESSION_LOSSES[self.type](pred_boxes, target_boxes)
+        else:
+            if target_deltas is None:
+                target_deltas = box_coder.encode_single(target_boxes, reference_boxes)
+            per_box = regression_loss(self.type, pred_deltas, target_deltas, beta=self.beta)
+        return self.loss_weight * per_box
+
+
+def _non_negative_number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(where, f"expected a finite number >= 0, got {value!r}.")
+    return float(value)
