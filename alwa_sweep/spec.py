@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainers.config import apply_overrides, load_yaml, resolve_config, validate_config
+from trainers.config import DEFAULTS, apply_overrides, load_yaml, resolve_config, validate_config
 from trainers.errors import ConfigError, UserInputError
 
 SPEC_KEYS = {"name", "description", "experiment", "base", "grid", "seeds", "resources", "scheduler",
@@ -116,6 +116,26 @@ def _flatten_override(key: str, value: Any) -> dict:
             flat.update(_flatten_override(f"{key}.{sub_key}", sub_value))
         return flat
     return {key: value}
+
+
+def _axis_overrides(axis: str, value: Any) -> dict:
+    """Dotted-key overrides of one axis value. An axis named after a config field merges
+    its value there; any other name (``setting``, ``method``) is a named axis whose
+    values are mappings of dotted keys applied to the whole config."""
+    if axis.split(".")[0] in DEFAULTS:
+        return _flatten_override(axis, value)
+    if not isinstance(value, dict):
+        raise ConfigError(f"grid.{axis}", f"{axis!r} is not a config field, so its values must be mappings "
+                          f"of config fields; got {value!r}.",
+                          f"Name the field (e.g. weighting.method), or write values like {{weighting.method: alwa}}; "
+                          f"config sections are {', '.join(DEFAULTS)}.")
+    flat = {}
+    for key, sub_value in value.items():
+        if key.split(".")[0] not in DEFAULTS:
+            raise ConfigError(f"grid.{axis}.{key}", "unknown config field.",
+                              f"Fields start with one of: {', '.join(DEFAULTS)}.")
+        flat.update(_flatten_override(key, sub_value))
+    return flat
 
 
 def expand_grid(grid, seeds=None) -> list[dict]:
@@ -229,15 +249,18 @@ def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool =
     if not isinstance(raw["base"], dict):
         raise ConfigError("base", "expected a mapping (a training config).")
     base = apply_overrides(raw["base"], overrides)
-    trials = []
+    trials, seen_configs = [], set()
     for combo in expand_grid(raw["grid"], raw.get("seeds")):
         flat = {}
         for axis, value in combo.items():
-            flat.update(_flatten_override(axis, value))
-        config = apply_overrides(base, flat)
+            flat.update(_axis_overrides(axis, value))
         label = trial_name(combo)
-        trials.append(Trial(key=trial_key(combo), name=label, overrides=combo,
-                            config=_check_trial_config(config, f"trial {label}", check_paths)))
+        config = _check_trial_config(apply_overrides(base, flat), f"trial {label}", check_paths)
+        canonical = json.dumps(config, sort_keys=True, default=str)
+        if canonical in seen_configs:  # two grid points that describe the same training
+            continue
+        seen_configs.add(canonical)
+        trials.append(Trial(key=trial_key(combo), name=label, overrides=combo, config=config))
     max_concurrent = raw.get("max_concurrent")
     _positive_int(max_concurrent, "max_concurrent", optional=True)
     max_failures = raw.get("max_failures", 2)

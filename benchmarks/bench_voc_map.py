@@ -39,9 +39,10 @@ def random_voc_like(num_images: int, seed: int = 0, max_detections: int = 100):
         num_det = int(rng.integers(10, max_detections + 1))
         near = min(num_det, int(rng.integers(num_gt, 4 * num_gt + 1)))
         source = rng.integers(0, num_gt, size=near)
-        jitter = rng.normal(0.0, 0.08, size=(near, 4)) * np.repeat(
+        # Jitter each coordinate by ~8 % of the box's width (x) or height (y).
+        jitter = rng.normal(0.0, 0.08, size=(near, 4)) * np.tile(
             np.stack([gt_boxes[source, 2] - gt_boxes[source, 0],
-                      gt_boxes[source, 3] - gt_boxes[source, 1]], axis=1), 2, axis=1)
+                      gt_boxes[source, 3] - gt_boxes[source, 1]], axis=1), 2)
         near_boxes = np.round(gt_boxes[source] + jitter)
         near_boxes[:, 2:] = np.maximum(near_boxes[:, 2:], near_boxes[:, :2] + 1)
         near_labels = np.where(rng.random(near) < 0.85, gt_labels[source],

@@ -13,7 +13,7 @@ from reports.tables import Table
 
 # Non-ASCII characters the tables print, as plain-LaTeX math (no extra packages needed).
 _LATEX_SYMBOLS = {"λ0": r"$\lambda_0$", "λ": r"$\lambda$", "±": r"$\pm$", "Δ": r"$\Delta$",
-                  "–": "--", "—": "---"}
+                  "–": "--", "—": "---", "−": "$-$"}
 _LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                    "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
                    "^": r"\textasciicircum{}"}

@@ -128,7 +128,7 @@ def _with_state(trials: pd.DataFrame) -> pd.DataFrame:
             reasons.append(why)
         elif mlflow_status == "RUNNING":
             states.append("running")
-            reasons.append("still running")
+            reasons.append("")
         elif status is None and mlflow_status == "FINISHED":
             states.append("ok")
             reasons.append("")

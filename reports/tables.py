@@ -118,7 +118,7 @@ class Table:
     columns; ``cells``/``values``/``bold``/``keys`` the value columns (string keys, see
     ``headers``): the printed text, the printed number (NaN where none; deltas in the
     rows listed in ``signed_rows``), bold marks, and the cell's key in the paper's terms
-    (what ``reports.paper`` looks the published number up by; None for text-only cells).
+    (what ``reports.published`` looks the published number up by; None for text-only cells).
     """
 
     number: int
@@ -266,7 +266,8 @@ def _collect(runs: pd.DataFrame, cell_keys: pd.Series, left_out: list,
             elif run["state"] == "ok":
                 why = f"finished without a val/{metric_name[row]} metric"
             else:
-                why = run["state"] + (f": {run['reason']}" if run["reason"] else "")
+                why = "still running" if run["state"] == "running" else run["state"]
+                why += f": {run['reason']}" if run["reason"] else ""
             left_out.append(f"{run['name']} ({run['run_id'][:8]}) at {_key_text(key)}: {why}")
     return stats
 

@@ -85,8 +85,8 @@ def test_shifted_boxes_lower_ap_by_the_iou_thresholds_they_miss():
 
 
 def test_half_recall_gives_51_of_101_recall_points():
-    # Category 3 has 3 objects, category 7 has 2; detect one of each category 7 object
-    # and two of the three category 3 objects. Precision is 1 up to the recall reached.
+    # Category 3 has 3 objects, category 7 has 2; leave out one of each: recall 2/3 and
+    # 1/2, with no false positive, so precision is 1 up to the recall reached.
     # COCO samples precision at recall 0, 0.01, ..., 1: AP = (#points <= recall) / 101.
     drop = {(13, 1), (12, 0)}
     metrics = coco_evaluate(make_coco_gt(), predictions(drop=drop), CATEGORY_IDS)

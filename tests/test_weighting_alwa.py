@@ -24,6 +24,7 @@ class NaiveALWA:
         self.k = 0
         self.s_cls, self.s_reg = [], []
         self.updates = []  # (k, cls score, reg score) of every update
+        self.windows = []  # (cls mean, cls std, reg mean, reg std) of every update
 
     def spread(self, values):
         if len(values) == 1:
@@ -51,6 +52,8 @@ class NaiveALWA:
         updated = i % self.interval == 0
         if updated:
             cls_score, reg_score = self.score(self.s_cls), self.score(self.s_reg)
+            self.windows.append((statistics.fmean(self.s_cls), self.spread(self.s_cls),
+                                 statistics.fmean(self.s_reg), self.spread(self.s_reg)))
             self.s_cls, self.s_reg = [], []
             self.updates.append((self.k, cls_score, reg_score))
             if cls_score > reg_score:
@@ -59,25 +62,33 @@ class NaiveALWA:
 
 
 def loss_sequence(seed, n):
-    """Losses with trends, regime changes and noise so that cls dominates sometimes
-    (in mean and in spread) and reg at other times."""
+    """Losses with trends, oscillations and noise of varying amplitude, so that the
+    classification loss dominates (in level and in spread) at some times and not at
+    others, and the weighted records keep crossing the regression ones."""
     rng = random.Random(seed)
     out = []
     for k in range(n):
-        phase = math.sin(k / 90.0)
-        cls_noise = 0.05 + 0.4 * (1 + phase) / 2
-        reg_noise = 0.05 + 0.3 * (1 - phase) / 2
-        cls = 1.5 * math.exp(-k / 400.0) + 0.4 + cls_noise * rng.random()
-        reg = 0.6 + 0.5 * math.sin(k / 150.0 + 1.0) ** 2 + reg_noise * rng.random()
-        out.append((cls, reg))
+        cls_level = 1.2 * math.exp(-k / 500.0) + 0.5 + 0.35 * math.sin(k / 37.0)
+        cls_spread = 0.05 + 0.45 * (1 + math.sin(k / 23.0 + 2.0)) / 2
+        reg_level = 0.6 + 0.25 * math.sin(k / 61.0 + 1.0)
+        reg_spread = 0.05 + 0.25 * (1 + math.cos(k / 29.0)) / 2
+        out.append((cls_level + cls_spread * rng.random(), reg_level + reg_spread * rng.random()))
     return out
 
 
-def run_alwa(alwa, losses):
+WINDOW_KEYS = ("window/cls_mean", "window/cls_std", "window/reg_mean", "window/reg_std")
+
+
+def run_alwa(alwa, losses, windows=None):
+    """Per call: (cls_w, reg_w, updated, α for the next call); the logged window
+    statistics of the updating calls are appended to ``windows``."""
     rows = []
     for cls, reg in losses:
         cls_w, reg_w = alwa(torch.tensor(cls, dtype=torch.float64), torch.tensor(reg, dtype=torch.float64))
         rows.append((float(cls_w), float(reg_w), alwa.updated(), alwa.alpha))
+        if windows is not None and alwa.updated():
+            logged = alwa.log_values()
+            windows.append(tuple(float(logged[key]) for key in WINDOW_KEYS))
     return rows
 
 
@@ -104,18 +115,26 @@ def test_alpha_sequence_matches_naive_reference_and_resumes_identically(variant,
         cls_w, reg_w, updated = reference.step(cls, reg)
         expected.append((cls_w, reg_w, updated, reference.alpha))
 
-    # The data exercise both branches: some updates lower α, some leave it.
+    # The data exercise both branches: some updates replace α, some keep it.
     changed = sum(c > r for _, c, r in reference.updates)
     kept = len(reference.updates) - changed
     if not (variant == 2 and interval == 1):  # one record per window: both stds are 0
-        assert changed > 0 and kept > 0, (changed, kept)
+        assert changed > 0, (changed, kept)
+    if len(reference.updates) >= 50:
+        assert kept > 0, (changed, kept)
 
-    got = run_alwa(ALWA(**config), losses)
+    windows = []
+    got = run_alwa(ALWA(**config), losses, windows)
     for k, (row, ref) in enumerate(zip(got, expected), start=1):
         assert row[2] == ref[2], f"call {k}: updated {row[2]} != {ref[2]}"
         assert row[0] == pytest.approx(ref[0], rel=1e-10), f"call {k}: cls_w"
         assert row[1] == pytest.approx(ref[1], rel=1e-12), f"call {k}: reg_w"
         assert row[3] == pytest.approx(ref[3], rel=1e-10), f"call {k}: alpha"
+    # The window statistics too (they tell the two conventions' ddof apart even in
+    # ALWA_2, whose α is invariant to a common rescaling of both stds).
+    assert len(windows) == len(reference.windows)
+    for got_window, ref_window in zip(windows, reference.windows):
+        assert got_window == pytest.approx(ref_window, rel=1e-9, abs=1e-12)
 
     # Resume mid-window through a weights_only checkpoint: identical continuation.
     stop = random.Random(seed + 1).randrange(1, n_calls - 1)
@@ -284,8 +303,9 @@ def _distributed_worker(rank, world_size, init_file, result_file):
     try:
         losses = loss_sequence(100 + rank, 40)  # each rank sees different losses
         alwa = ALWA(variant=1, interval=4, sync_records=True)
-        alphas = [row[3] for row in run_alwa(alwa, losses)]
-        torch.save({"alphas": alphas}, f"{result_file}.{rank}")
+        windows = []
+        alphas = [row[3] for row in run_alwa(alwa, losses, windows)]
+        torch.save({"alphas": alphas, "windows": windows}, f"{result_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -296,29 +316,36 @@ def test_sync_records_averages_the_records_across_ranks(tmp_path):
     result_file = tmp_path / "alphas"
     torch.multiprocessing.spawn(_distributed_worker, args=(world_size, str(tmp_path / "init"), str(result_file)),
                                 nprocs=world_size, join=True)
-    alphas = [torch.load(f"{result_file}.{r}", weights_only=True)["alphas"] for r in range(world_size)]
+    results = [torch.load(f"{result_file}.{r}", weights_only=True) for r in range(world_size)]
+    alphas = [result["alphas"] for result in results]
     assert alphas[0] == alphas[1]  # every rank derives the same α
+    assert results[0]["windows"] == results[1]["windows"]
 
     # Reference: the records of both ranks averaged element-wise, then Algorithm 1
     # with the released conventions (mean + sample std over each window of 4).
     per_rank = [loss_sequence(100 + r, 40) for r in range(world_size)]
-    alpha, window_cls, window_reg, expected = 1.0, [], [], []
+    alpha, window_cls, window_reg, expected, expected_windows = 1.0, [], [], [], []
     for k in range(1, 41):
         window_cls.append(statistics.fmean(alpha * seq[k - 1][0] for seq in per_rank))
         window_reg.append(statistics.fmean(seq[k - 1][1] for seq in per_rank))
         if k % 4 == 0:
             cls_score = statistics.fmean(window_cls) + statistics.stdev(window_cls)
             reg_score = statistics.fmean(window_reg) + statistics.stdev(window_reg)
+            expected_windows.append((statistics.fmean(window_cls), statistics.stdev(window_cls),
+                                     statistics.fmean(window_reg), statistics.stdev(window_reg)))
             if cls_score > reg_score:
                 alpha = reg_score / cls_score
             window_cls, window_reg = [], []
         expected.append(alpha)
     assert alphas[0] == pytest.approx(expected, rel=1e-10)
+    assert len(results[0]["windows"]) == len(expected_windows) == 10
+    for got_window, ref_window in zip(results[0]["windows"], expected_windows):
+        assert got_window == pytest.approx(ref_window, rel=1e-9)
     assert min(expected) < 1.0
 
 
 @pytest.mark.parametrize("field,value", [
-    ("variant", 3), ("variant", "1"), ("interval", 0), ("interval", -5), ("interval", 2.5),
+    ("variant", 3), ("variant", "1"), ("variant", 1.0), ("variant", True), ("interval", 0), ("interval", -5), ("interval", 2.5),
     ("lambda0", 0.0), ("lambda0", -1.0), ("convention", "oficial"), ("records", "weigted"),
     ("sync_records", "yes"),
 ])

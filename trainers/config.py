@@ -204,15 +204,14 @@ def resolve_config(user_config: dict) -> dict:
 def validate_config(config: dict, *, check_paths: bool = True) -> dict:
     """Validate a resolved config; returns it. ``check_paths=False`` skips file checks
     (used when a sweep is validated on a machine that does not hold the data)."""
-    from trainers.data.build import validate_dataset_config
+    from trainers.data.build import KNOWN_KEYS, validate_dataset_config
     from trainers.detectors import validate_model_config
     from trainers.weighting import validate_weighting_config
 
     if check_paths:
         validate_dataset_config(config["dataset"])
     else:
-        _check_keys(config["dataset"], set(DEFAULTS["dataset"]) | {
-            "train_ann", "train_images", "val_ann", "val_images"}, "dataset")
+        _check_keys(config["dataset"], KNOWN_KEYS, "dataset")
     validate_model_config(config["model"])
     validate_weighting_config(config["weighting"])
     head = config["weighting"].get("head")

@@ -389,10 +389,12 @@ def train(config, *, workdir: str | Path, logger: TrainingLogger | None = None,
                 position.epoch_batches = 0
             every = config["train"]["eval_every"]
             if finished or (epoch_done and every and position.epoch % every == 0):
+                # A schedule in iterations may end inside an epoch: that partial epoch counts.
+                eval_epoch = position.epoch if epoch_done else position.epoch + 1
                 metrics = evaluate(run.model, run.test_set, config, device)
-                evaluations.append((position.epoch, metrics))
+                evaluations.append((eval_epoch, metrics))
                 result.metrics = metrics
-                rank_logger.log_evaluation(position.epoch, position.iteration, metrics)
+                rank_logger.log_evaluation(eval_epoch, position.iteration, metrics)
             checkpoint()
     except Diverged as exc:
         result.status, result.reason = exc.status, exc.reason

@@ -207,14 +207,17 @@ class BoxRegressionLoss:
         ``box_coder`` the head's ``det_utils.BoxCoder``. ``target_deltas`` and
         ``pred_boxes`` may be passed when the caller already has them.
         """
+        # float32 throughout: under AMP the deltas arrive in fp16, and fp16 box areas
+        # overflow (65504 < 300 × 300 px).
+        pred_deltas = pred_deltas.float()
         if self.uses_decoded_boxes:
             if pred_boxes is None:
-                pred_boxes = box_coder.decode_single(pred_deltas, reference_boxes)
-            per_box = REGRESSION_LOSSES[self.type](pred_boxes, target_boxes)
+                pred_boxes = box_coder.decode_single(pred_deltas, reference_boxes.float())
+            per_box = REGRESSION_LOSSES[self.type](pred_boxes.float(), target_boxes.float())
         else:
             if target_deltas is None:
-                target_deltas = box_coder.encode_single(target_boxes, reference_boxes)
-            per_box = regression_loss(self.type, pred_deltas, target_deltas, beta=self.beta)
+                target_deltas = box_coder.encode_single(target_boxes.float(), reference_boxes.float())
+            per_box = regression_loss(self.type, pred_deltas, target_deltas.float(), beta=self.beta)
         return self.loss_weight * per_box
 
 

@@ -9,12 +9,12 @@ into the dataset's image list), and ``difficult`` (VOC) / ``iscrowd`` / ``masks`
 from trainers.data.build import build_datasets, build_loader, validate_dataset_config
 from trainers.data.coco import COCODetection
 from trainers.data.synthetic import make_synthetic
-from trainers.data.transforms import (Compose, RandomHorizontalFlip, collate_fn,
+from trainers.data.transforms import (Compose, RandomHorizontalFlip, collate_fn, hflip,
                                       keep_ratio_size, load_image)
 from trainers.data.voc import VOC_CLASSES, VOCDetection
 
 __all__ = [
     "COCODetection", "Compose", "RandomHorizontalFlip", "VOCDetection", "VOC_CLASSES",
-    "build_datasets", "build_loader", "collate_fn", "keep_ratio_size", "load_image",
+    "build_datasets", "build_loader", "collate_fn", "hflip", "keep_ratio_size", "load_image",
     "make_synthetic", "validate_dataset_config",
 ]

@@ -122,11 +122,13 @@ def _overlaps_too_much(box, placed, limit=0.1) -> bool:
     return False
 
 
-def render_image(rng: np.random.Generator, size: int, num_classes: int, class_names,
-                 with_crowd: bool, difficult_rate: float):
-    """One image (H, W, 3 uint8) and its objects, each with polygon, mask, box, area."""
+def render_image(rng: np.random.Generator, size: int, class_names, with_crowd: bool,
+                 difficult_rate: float):
+    """One image (H, W, 3 uint8) and its objects (class, label, box, area, flags, and
+    the polygon or crowd RLE for COCO); class ``k`` is drawn in ``CLASS_STYLES[k]``."""
+    num_classes = len(class_names)
     background = rng.integers(25, 60, size=3)
-    image = background + rng.normal(0.0, 6.0, size=(size, size, 3))
+    image = background + 6.0 * rng.standard_normal((size, size, 3), dtype=np.float32)
     scale = size / 128
     min_side, max_side = max(6, round(18 * scale)), max(8, round(60 * scale))
     objects, placed = [], []
@@ -265,8 +267,8 @@ def make_synthetic(out_dir, format: str = "voc", images: int = 200, seed: int = 
     if manifest_path.is_file():
         previous = json.loads(manifest_path.read_text())
         if previous.get("params") == params and all(
-                Path(p).exists() for k, p in paths.items() if k not in ("format", "class_names")
-                and isinstance(p, str)):
+                Path(path).exists() for key, path in paths.items()
+                if key not in ("format", "class_names", "train_sets", "test_sets")):
             return paths
         manifest_path.unlink()  # ours, with other parameters: regenerate from scratch
         for directory in _generated_dirs(out_dir, format):
@@ -301,7 +303,7 @@ def make_synthetic(out_dir, format: str = "voc", images: int = 200, seed: int = 
     for index, name in enumerate(names):
         rng = np.random.default_rng([seed, index])
         with_crowd = format == "coco" and rng.random() < 0.1
-        pixels, objects = render_image(rng, size, num_classes, class_names, with_crowd,
+        pixels, objects = render_image(rng, size, class_names, with_crowd,
                                        difficult_rate=0.1 if format == "voc" else 0.0)
         Image.fromarray(pixels).save(image_dirs[name] / f"{name}.jpg", format="JPEG",
                                      quality=92, subsampling=0)

@@ -112,6 +112,8 @@ def load_imagenet_state_dict(backbone: str) -> dict:
 
 def resnet_fpn(backbone: str, pretrained: bool, for_retinanet: bool) -> BackboneWithFPN:
     """torchvision's ResNet-FPN, optionally with the cached ImageNet weights loaded."""
+    # Read the weights first: a missing file should fail before the network is built.
+    state_dict = load_imagenet_state_dict(backbone) if pretrained else None
     if pretrained:
         norm_layer, trainable_layers = misc_nn_ops.FrozenBatchNorm2d, 3
     else:
@@ -130,8 +132,7 @@ def resnet_fpn(backbone: str, pretrained: bool, for_retinanet: bool) -> Backbone
         returned_layers=returned_layers,
         extra_blocks=extra_blocks,
     )
-    if pretrained:
-        state_dict = load_imagenet_state_dict(backbone)
+    if state_dict is not None:
         # The classifier is not part of the detection backbone.
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
         try:

@@ -121,6 +121,8 @@ def _two_stage_settings(cfg: dict, with_masks: bool) -> dict:
         # Small images: fewer proposals and ROIs, a narrow box head (speed on CPU).
         channels, representation = 32, 256
         settings.update(
+            rpn_pre_nms_top_n_train=500,
+            rpn_pre_nms_top_n_test=500,
             rpn_post_nms_top_n_train=300,
             rpn_post_nms_top_n_test=300,
             box_batch_size_per_image=128,

@@ -52,7 +52,8 @@ class RetinaNetHeadWithHeadLosses(RetinaNetHead):
         self.kpis: dict[str, Tensor] = {}
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs) -> dict[str, Tensor]:
-        cls_logits = head_outputs["cls_logits"]  # (N, A, K+1)
+        # float32: under AMP the head runs in fp16, where box areas and focal sums overflow.
+        cls_logits = head_outputs["cls_logits"].float()  # (N, A, K+1)
         bbox_regression = head_outputs["bbox_regression"]  # (N, A, 4)
         num_classes = cls_logits.shape[-1]
         matched = torch.stack(matched_idxs)  # (N, A): gt index, or -1 background, -2 ignored
@@ -67,14 +68,14 @@ class RetinaNetHeadWithHeadLosses(RetinaNetHead):
         num_positives = foreground.sum(dim=1).clamp(min=1).sum()
 
         # Focal loss over the K object classes (column 0 excluded, see module docstring).
-        one_hot = F.one_hot(labels, num_classes)[..., 1:].to(cls_logits.dtype)
+        one_hot = F.one_hot(labels, num_classes)[..., 1:].float()
         focal = sigmoid_focal_loss(
             cls_logits[..., 1:], one_hot, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction="none"
         )
         cls_loss = (focal * valid.unsqueeze(-1)).sum() / num_positives
 
         pos_image, pos_anchor = torch.where(foreground)
-        pos_deltas = bbox_regression[pos_image, pos_anchor]
+        pos_deltas = bbox_regression[pos_image, pos_anchor].float()
         pos_anchors = torch.stack(anchors)[pos_image, pos_anchor]
         pos_gt_boxes = torch.cat(
             [t["boxes"][m[f]] for t, m, f in zip(targets, matched, foreground)]

@@ -114,12 +114,12 @@ class RPNWithHeadLosses(RegionProposalNetwork):
 
         objectness = objectness.flatten()
         labels = torch.cat(labels)
-        cls_loss = F.binary_cross_entropy_with_logits(objectness[sampled_inds], labels[sampled_inds])
+        cls_loss = F.binary_cross_entropy_with_logits(objectness[sampled_inds].float(), labels[sampled_inds])
 
         # Only the positives are encoded/decoded (torchvision encodes every anchor).
         pos_anchors = torch.cat(anchors)[sampled_pos_inds]
         pos_gt_boxes = torch.cat(matched_gt_boxes)[sampled_pos_inds]
-        pos_deltas = pred_bbox_deltas[sampled_pos_inds]
+        pos_deltas = pred_bbox_deltas[sampled_pos_inds].float()  # fp16 under AMP: box areas overflow
         pos_boxes = self.box_coder.decode_single(pos_deltas, pos_anchors) if self.reg_loss.uses_decoded_boxes else None
         per_box = self.reg_loss(pos_deltas, pos_anchors, pos_gt_boxes, self.box_coder, pred_boxes=pos_boxes)
         reg_loss = per_box.sum() / num_samples
@@ -199,13 +199,13 @@ class RoIHeadsWithHeadLosses(RoIHeads):
     ) -> dict[str, Tensor]:
         """Replaces torchvision's ``fastrcnn_loss`` (see module docstring)."""
         labels = torch.cat(labels)
-        cls_loss = F.cross_entropy(class_logits, labels)
+        cls_loss = F.cross_entropy(class_logits.float(), labels)
 
         pos_inds = torch.where(labels > 0)[0]
         pos_labels = labels[pos_inds]
         num_rois = class_logits.shape[0]
         # Class-specific regression: each positive ROI is scored on its GT class's deltas.
-        pos_deltas = box_regression.reshape(num_rois, -1, 4)[pos_inds, pos_labels]
+        pos_deltas = box_regression.reshape(num_rois, -1, 4)[pos_inds, pos_labels].float()  # see RPN
         pos_proposals = torch.cat(proposals)[pos_inds]
         pos_gt_boxes = torch.cat(matched_gt_boxes)[pos_inds]
         pos_targets = torch.cat(regression_targets)[pos_inds]

@@ -7,7 +7,9 @@ that produced the paper's VOC numbers):
   score. **Tie rule**: the sort is stable over the detections laid end to end in image
   order, so equal scores keep image order, then the order inside the image.
 * Each detection looks only at its best ground truth of the same class in its image
-  (highest IoU; on equal IoU the first one in annotation order, like ``argmax``).
+  (highest IoU; on equal IoU the first one in annotation order, like the devkit's
+  ``max``; mmdetection stacks the difficult boxes after the others instead, which only
+  differs for a difficult and a non-difficult box with exactly the same IoU).
   IoU >= threshold and that ground truth difficult -> ignored (neither TP nor FP);
   IoU >= threshold, not difficult, not matched yet -> TP (and now matched);
   anything else -> FP.
@@ -100,6 +102,9 @@ def _class_ap(dets, det_rows, gts, gt_rows, iou_threshold, method, extra) -> flo
     _, first = np.unique(best_gt[candidate_ranks], return_index=True)
     true_positive[candidate_ranks[first]] = True
 
+    # The devkit keeps ignored detections as tp = fp = 0 entries; they only repeat the
+    # previous (recall, precision) point (or add (0, 0) before the first counted one),
+    # which changes neither AP, so they are simply dropped.
     kept = ~ignored
     tp_cumulative = np.cumsum(true_positive[kept], dtype=np.float64)
     fp_cumulative = np.cumsum(~true_positive[kept], dtype=np.float64)

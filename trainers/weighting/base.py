@@ -85,7 +85,8 @@ def field(key: str) -> str:
 
 
 def check_choice(key: str, value, allowed) -> None:
-    if isinstance(value, bool) or value not in allowed:
+    # Exact types: True == 1 and 1.0 == 1 in Python, but neither is variant 1.
+    if not any(type(value) is type(a) and value == a for a in allowed):
         raise choice_error(field(key), value, allowed)
 
 
@@ -96,10 +97,11 @@ def check_number(key: str, value, *, low: float, high: float = math.inf,
     if ok:
         ok = (value >= low if low_closed else value > low) and (value <= high if high_closed else value < high)
     if not ok:
-        left = "[" if low_closed else "("
-        right = "]" if high_closed else ")"
-        upper = "inf" if math.isinf(high) else f"{high:g}"
-        raise ConfigError(field(key), f"must be a finite number in {left}{low:g}, {upper}{right} (got {value!r}).")
+        if math.isinf(high):
+            bounds = f"{'>=' if low_closed else '>'} {low:g}"
+        else:
+            bounds = f"in {'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
+        raise ConfigError(field(key), f"must be a finite number {bounds} (got {value!r}).")
     return float(value)
 
 

@@ -1,0 +1,93 @@
+"""``alwa-sweep report``: the paper's Tables 1–6 and figures, rebuilt from MLflow."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from trainers.errors import ConfigError
+
+HELP = "rebuild the paper's Tables 1-6 (Markdown/LaTeX) and figures from the MLflow runs"
+
+
+def add_arguments(parser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--experiment", metavar="NAME", help="every trial run of this MLflow experiment")
+    source.add_argument("--sweep", metavar="RUN_ID", help="the trials of this sweep (its parent run id)")
+    parser.add_argument("--table", type=int, choices=range(1, 7), action="append", metavar="N",
+                        help="only table N (1-6; repeatable). Default: every table that has runs")
+    parser.add_argument("--format", choices=("md", "latex", "both"), default="both",
+                        help="Markdown (.md), LaTeX (.tex, booktabs) or both (default)")
+    parser.add_argument("--out", type=Path, default=Path("report"),
+                        help="output folder (default: ./report)")
+    parser.add_argument("--metric", metavar="NAME",
+                        help="validation metric val/NAME to tabulate (map, ap, ap50, ...); "
+                             "default: the paper's (mAP on VOC, AP on COCO)")
+    parser.add_argument("--paper", action="store_true",
+                        help="put the paper's published numbers and the difference beside each column")
+    parser.add_argument("--tracking-uri", metavar="URI",
+                        help="MLflow tracking URI (default: MLflow's, e.g. $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+
+
+def run(args) -> int:
+    # Heavy imports here: the CLI imports every command module to build --help.
+    from reports import figures, published, render, runs, tables
+
+    if args.metric is not None and not re.fullmatch(r"[A-Za-z0-9_./]+", args.metric):
+        raise ConfigError("--metric", f"{args.metric!r} is not a metric name.",
+                          "Give the part after val/, e.g. map, ap or ap50.")
+    client = runs.open_client(args.tracking_uri)
+    trials = runs.load_trials(client, experiment=args.experiment, sweep_run_id=args.sweep)
+    source = f"experiment {args.experiment!r}" if args.experiment else f"sweep {args.sweep}"
+    if trials.empty:
+        raise ConfigError("--sweep" if args.sweep else "--experiment", f"{source} has no trial runs.",
+                          "Check the name/run id and --tracking-uri.")
+    if args.metric and runs.metric_column(args.metric) not in trials:
+        found = sorted(c.removeprefix("metrics.val/") for c in trials if c.startswith("metrics.val/"))
+        raise ConfigError("--metric", f"no trial has a val/{args.metric} metric.",
+                          f"Metrics found: {', '.join(found) or 'none'}.")
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    heatmap_source = None
+    for number in args.table or range(1, 7):
+        table = tables.build(number, trials, args.metric)
+        if number == 1:
+            heatmap_source = table
+        if table.n_runs == 0 and not args.table:
+            print(f"Table {number}: no matching runs, skipped.")
+            continue
+        if args.paper:
+            table = published.with_paper(table)
+        markdown = render.to_markdown(table)
+        if args.format in ("md", "both"):
+            written.append(_write(out / f"table{number}.md", markdown))
+        if args.format in ("latex", "both"):
+            written.append(_write(out / f"table{number}.tex", render.to_latex(table)))
+        print(markdown)
+
+    figure_paths = []
+    if not args.no_figures:
+        figure_dir = out / "figures"
+        for _, trial in trials.iterrows():
+            figure_paths += figures.trial_figures(client, trial, figure_dir)
+        if heatmap_source is None:
+            heatmap_source = tables.table1(trials, args.metric)
+        figure_paths += figures.table1_heatmap(heatmap_source, figure_dir)
+        figure_paths += figures.metric_per_epoch(client, trials, figure_dir, args.metric)
+    written += figure_paths
+
+    if args.sweep:
+        for path in written:
+            artifact_dir = "report/figures" if path in figure_paths else "report"
+            client.log_artifact(args.sweep, str(path), artifact_path=artifact_dir)
+    print(f"Wrote {len(written)} files to {out}" + (f" and logged them to sweep run {args.sweep}"
+                                                   if args.sweep and written else "") + ".")
+    return 0
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path

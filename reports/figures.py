@@ -1,0 +1,201 @@
+"""Figures from MLflow metric histories, saved as PNG and PDF.
+
+Per trial: the raw and weighted cls/reg losses of the weighted head over iterations
+(the paper's Fig. 1a), the window mean and std of both (Fig. 3) and ALWA's α. Per
+sweep: a heatmap of Table 1's grid (Δ metric per RPN cls × reg weight, one panel per
+setting) and the validation metric per epoch of every trial.
+
+Each ``*_figure`` function only draws (and returns None when it has nothing to draw);
+the functions that take a client read the histories and save. Figures are built on
+``matplotlib.figure.Figure`` with the Agg canvas, never pyplot, so no global backend
+or figure registry is touched.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from reports.tables import Table, format_number
+
+FORMATS = ("png", "pdf")
+_MAX_LEGEND = 12
+WINDOW_KEYS = ("cls_mean", "reg_mean", "cls_std", "reg_std")
+
+
+def save(figure: Figure, out_dir: Path, stem: str) -> list[Path]:
+    FigureCanvasAgg(figure)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in FORMATS:
+        path = out_dir / f"{stem}.{fmt}"
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def history(client, run_id: str, key: str) -> pd.Series:
+    """A metric's history as a Series indexed by step; a repeated step keeps its last value
+    (the final result is logged once more at the last epoch's step)."""
+    points = sorted(client.get_metric_history(run_id, key), key=lambda p: (p.step, p.timestamp))
+    series = pd.Series([p.value for p in points], index=[p.step for p in points], dtype=float)
+    return series[~series.index.duplicated(keep="last")]
+
+
+def weighted_head(trial: pd.Series) -> str:
+    """The head the weighting acts on: ``weighting.head``, else the detector's default."""
+    head = trial.get("params.weighting.head")
+    if isinstance(head, str) and head:
+        return head
+    return "retina" if trial.get("params.model.detector") == "retinanet" else "rpn"
+
+
+def trial_histories(client, trial: pd.Series) -> dict:
+    """Every per-iteration series the trial figures draw, keyed by metric name."""
+    head = weighted_head(trial)
+    keys = [f"train/{head}_{part}{suffix}" for suffix in ("", "_weighted") for part in ("cls", "reg")]
+    keys += [f"window/{name}" for name in WINDOW_KEYS] + ["weight/alpha"]
+    return {key: history(client, trial["run_id"], key) for key in keys}
+
+
+def losses_figure(histories: dict, head: str) -> Figure | None:
+    """Fig. 1a: the raw losses of the weighted head, and beside them the weighted ones."""
+    panels = []
+    for kind, suffix in (("raw", ""), ("weighted", "_weighted")):
+        series = {part: histories.get(f"train/{head}_{part}{suffix}", pd.Series(dtype=float))
+                  for part in ("cls", "reg")}
+        if any(len(s) for s in series.values()):
+            panels.append((kind, series))
+    if not panels:
+        return None
+    figure = Figure(figsize=(5 * len(panels), 3.5), layout="constrained")
+    for i, (kind, series) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), i + 1)
+        for part, values in series.items():
+            if len(values):
+                axes.plot(values.index, values.values, label=f"{head} {part}", linewidth=0.8)
+        axes.set(title=f"{kind} {head.upper()} losses", xlabel="iteration", ylabel="loss")
+        axes.legend()
+    return figure
+
+
+def window_figure(histories: dict) -> Figure | None:
+    """Fig. 3: window mean (left) and std (right) of the weighted cls and reg losses."""
+    if not any(len(histories.get(f"window/{name}", ())) for name in WINDOW_KEYS):
+        return None
+    figure = Figure(figsize=(10, 3.5), layout="constrained")
+    for i, statistic in enumerate(("mean", "std")):
+        axes = figure.add_subplot(1, 2, i + 1)
+        for part in ("cls", "reg"):
+            values = histories.get(f"window/{part}_{statistic}", pd.Series(dtype=float))
+            if len(values):
+                axes.plot(values.index, values.values, marker=".", label=f"{part}_{statistic}")
+        axes.set(title=f"window {statistic} of the weighted losses", xlabel="iteration")
+        axes.legend()
+    return figure
+
+
+def alpha_figure(histories: dict) -> Figure | None:
+    alpha = histories.get("weight/alpha", pd.Series(dtype=float))
+    if not len(alpha):
+        return None
+    figure = Figure(figsize=(5, 3.5), layout="constrained")
+    axes = figure.add_subplot(1, 1, 1)
+    axes.plot(alpha.index, alpha.values, linewidth=0.8)
+    axes.set(title="ALWA α", xlabel="iteration", ylabel="α")
+    return figure
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
+
+
+def trial_figures(client, trial: pd.Series, out_dir: Path) -> list[Path]:
+    """The per-trial figures of one row of ``reports.runs.load_trials``; those without data are skipped."""
+    run_id = trial["run_id"]
+    stem = f"trial_{_safe(str(trial.get('name') or ''))}_{run_id[:8]}"
+    histories = trial_histories(client, trial)
+    paths = []
+    for kind, figure in (("losses", losses_figure(histories, weighted_head(trial))),
+                         ("window", window_figure(histories)), ("alpha", alpha_figure(histories))):
+        if figure is not None:
+            paths += save(figure, out_dir, f"{stem}_{kind}")
+    return paths
+
+
+def heatmap_grids(table: Table) -> dict:
+    """Table 1 as one (cls weight × reg weight) grid of deltas per setting; (1, 1) is 0."""
+    points = []
+    for row in table.values.index:
+        for column in table.values.columns:
+            value, key = table.values.at[row, column], table.keys.at[row, column]
+            if key is None or math.isnan(value):
+                continue
+            cls_weight, reg_weight, setting = key
+            points.append((setting, cls_weight, reg_weight, value if row in table.signed_rows else 0.0))
+    frame = pd.DataFrame(points, columns=["setting", "cls", "reg", "delta"])
+    return {setting: frame[frame["setting"] == setting].pivot(index="cls", columns="reg", values="delta")
+            for setting in dict.fromkeys(frame["setting"])}
+
+
+def heatmap_figure(table: Table) -> Figure | None:
+    grids = heatmap_grids(table)
+    if not grids:
+        return None
+    figure = Figure(figsize=(4.8 * len(grids), 4.0), layout="constrained")
+    for i, (setting, grid) in enumerate(grids.items()):
+        axes = figure.add_subplot(1, len(grids), i + 1)
+        limit = max(float(np.nanmax(np.abs(grid.values))), 1e-6)
+        image = axes.imshow(grid.values, cmap="RdYlGn", origin="lower",
+                            norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit))
+        axes.set_xticks(range(len(grid.columns)), [f"{v:g}" for v in grid.columns])
+        axes.set_yticks(range(len(grid.index)), [f"{v:g}" for v in grid.index])
+        for (y, x), value in np.ndenumerate(grid.values):
+            if not math.isnan(value):
+                axes.text(x, y, format_number(value, table.decimals[setting], signed=True),
+                          ha="center", va="center", fontsize=7)
+        axes.set(title=" ".join(table.headers[setting]).strip(), xlabel="RPN reg weight",
+                 ylabel="RPN cls weight")
+        figure.colorbar(image, ax=axes, shrink=0.8, label="Δ vs (1, 1)")
+    return figure
+
+
+def table1_heatmap(table: Table, out_dir: Path, stem: str = "table1_heatmap") -> list[Path]:
+    figure = heatmap_figure(table)
+    return [] if figure is None else save(figure, out_dir, stem)
+
+
+def metric_figure(curves: list) -> Figure | None:
+    """One line per trial: (label, Series of the metric in percent per epoch) pairs."""
+    curves = [(label, values) for label, values in curves if len(values)]
+    if not curves:
+        return None
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.add_subplot(1, 1, 1)
+    for label, values in curves:
+        axes.plot(values.index, values.values, marker=".", linewidth=0.8, label=label)
+    axes.set(title="validation metric per epoch", xlabel="epoch", ylabel="%")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(curves) <= _MAX_LEGEND:
+        axes.legend(fontsize=7)
+    return figure
+
+
+def metric_per_epoch(client, trials: pd.DataFrame, out_dir: Path, metric: str | None = None,
+                     stem: str = "metric_per_epoch") -> list[Path]:
+    """The validation metric per epoch of every trial (``val/map``, or ``val/ap`` on COCO)."""
+    curves = []
+    for _, trial in trials.iterrows():
+        name = metric or ("ap" if trial.get("params.dataset.kind") == "coco" else "map")
+        label = f"{trial.get('name') or trial['run_id'][:8]} ({name})"
+        curves.append((label, history(client, trial["run_id"], f"val/{name}") * 100.0))
+    figure = metric_figure(curves)
+    return [] if figure is None else save(figure, out_dir, stem)

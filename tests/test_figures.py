@@ -1,0 +1,168 @@
+"""The report's figures, drawn from metric histories logged to a real SQLite MLflow store.
+
+The drawn lines and heatmap cells are compared with the series the test logged and
+with deltas it computes itself; the saved files must be real, non-empty PNG and PDF.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+from reports import figures, runs, tables
+
+ITERATIONS = 30
+INTERVAL = 10
+BASE = {"model.detector": "faster_rcnn", "model.backbone": "resnet50", "dataset.kind": "voc",
+        "optimizer.type": "sgd", "model.losses.roi_reg.type": "l1", "weighting.head": "rpn"}
+
+
+def alwa_series() -> dict:
+    """Per-iteration values an ALWA_1 trial logs: α replaced every INTERVAL iterations."""
+    alpha = {i: 1.0 if i < INTERVAL else 0.9 - 0.1 * (i // INTERVAL) for i in range(1, ITERATIONS + 1)}
+    raw_cls = {i: 0.8 / (1 + 0.1 * i) for i in alpha}
+    raw_reg = {i: 0.3 / (1 + 0.05 * i) for i in alpha}
+    series = {
+        "train/rpn_cls": raw_cls, "train/rpn_reg": raw_reg, "weight/alpha": alpha,
+        "train/rpn_cls_weighted": {i: raw_cls[i] * alpha[i] for i in alpha},
+        "train/rpn_reg_weighted": dict(raw_reg),
+    }
+    updates = range(INTERVAL, ITERATIONS + 1, INTERVAL)
+    for part, losses in (("cls", series["train/rpn_cls_weighted"]), ("reg", raw_reg)):
+        windows = {i: [losses[j] for j in range(i - INTERVAL + 1, i + 1)] for i in updates}
+        series[f"window/{part}_mean"] = {i: float(np.mean(w)) for i, w in windows.items()}
+        series[f"window/{part}_std"] = {i: float(np.std(w, ddof=1)) for i, w in windows.items()}
+    return series
+
+
+# name -> (params, final val/map, per-epoch val/map, per-iteration series)
+TRIALS = {
+    "alwa1": ({**BASE, "weighting.method": "alwa", "weighting.variant": "1"},
+              [0.70, 0.74, 0.7576], alwa_series()),
+    "base": ({**BASE, "weighting.method": "none"}, [0.69, 0.73, 0.7434],
+             {k: v for k, v in alwa_series().items() if k in ("train/rpn_cls", "train/rpn_reg")}),
+    "w025_050": ({**BASE, "weighting.method": "fixed", "weighting.cls": "0.25", "weighting.reg": "0.5"},
+                 [0.71, 0.745, 0.7547], {}),
+    "w200_150": ({**BASE, "weighting.method": "fixed", "weighting.cls": "2.0", "weighting.reg": "1.5"},
+                 [0.68, 0.72, 0.7410], {}),
+}
+
+
+@pytest.fixture(scope="module")
+def store():
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    root = Path(tempfile.mkdtemp(prefix="alwa-figures-", dir=shm))
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("figures", artifact_location=str(root / "artifacts"))
+    sweep = client.create_run(experiment_id, run_name="sweep", tags={"alwa.kind": "sweep"}).info.run_id
+    now = int(time.time() * 1000)
+    for name, (params, per_epoch, series) in TRIALS.items():
+        run_id = client.create_run(experiment_id, run_name=name, tags={
+            "alwa.kind": "trial", "alwa.status": "ok", "mlflow.parentRunId": sweep}).info.run_id
+        metrics = [Metric("val/map", v, now, epoch) for epoch, v in enumerate(per_epoch, start=1)]
+        metrics.append(Metric("val/map", per_epoch[-1], now + 1, len(per_epoch)))  # the final result
+        metrics += [Metric(key, v, now, step) for key, points in series.items() for step, v in points.items()]
+        client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
+        client.set_terminated(run_id)
+    trials = runs.load_trials(runs.open_client(uri), sweep_run_id=sweep)
+    yield {"client": client, "trials": trials.set_index("name", drop=False), "root": root}
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def line_data(axes):
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axes.lines}
+
+
+def as_xy(points: dict):
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def test_history_keeps_the_last_value_of_a_repeated_step(store):
+    trial = store["trials"].loc["alwa1"]
+    series = figures.history(store["client"], trial["run_id"], "val/map")
+    assert list(series.index) == [1, 2, 3]
+    assert list(series.values) == pytest.approx(TRIALS["alwa1"][1])
+    assert len(figures.history(store["client"], trial["run_id"], "no/such_metric")) == 0
+
+
+def test_losses_window_and_alpha_figures_draw_the_logged_series(store):
+    trial = store["trials"].loc["alwa1"]
+    histories = figures.trial_histories(store["client"], trial)
+    logged = alwa_series()
+
+    raw, weighted = figures.losses_figure(histories, "rpn").axes[:2]
+    assert line_data(raw)["rpn cls"] == pytest.approx(as_xy(logged["train/rpn_cls"]))
+    assert line_data(raw)["rpn reg"] == pytest.approx(as_xy(logged["train/rpn_reg"]))
+    assert line_data(weighted)["rpn cls"] == pytest.approx(as_xy(logged["train/rpn_cls_weighted"]))
+
+    mean_axes, std_axes = figures.window_figure(histories).axes[:2]
+    assert line_data(mean_axes)["cls_mean"] == pytest.approx(as_xy(logged["window/cls_mean"]))
+    assert line_data(std_axes)["reg_std"] == pytest.approx(as_xy(logged["window/reg_std"]))
+    assert line_data(mean_axes)["cls_mean"][0] == [10, 20, 30]
+
+    (alpha_axes,) = figures.alpha_figure(histories).axes
+    (steps, alpha), = line_data(alpha_axes).values()
+    assert (steps, alpha) == pytest.approx(as_xy(logged["weight/alpha"]))
+
+
+def test_trial_figures_files(store, tmp_path):
+    trials = store["trials"]
+    made = figures.trial_figures(store["client"], trials.loc["alwa1"], tmp_path)
+    stem = f"trial_alwa1_{trials.loc['alwa1', 'run_id'][:8]}"
+    assert sorted(p.name for p in made) == sorted(
+        f"{stem}_{kind}.{fmt}" for kind in ("losses", "window", "alpha") for fmt in ("png", "pdf"))
+    for path in made:
+        head = path.read_bytes()[:8]
+        assert head.startswith(b"\x89PNG") if path.suffix == ".png" else head.startswith(b"%PDF")
+        assert path.stat().st_size > 1000
+    # a baseline has raw losses only: one panel, no window or α figure
+    base = figures.trial_figures(store["client"], trials.loc["base"], tmp_path / "base")
+    assert sorted(p.name.rsplit("_", 1)[-1] for p in base) == ["losses.pdf", "losses.png"]
+    histories = figures.trial_histories(store["client"], trials.loc["base"])
+    assert len(figures.losses_figure(histories, "rpn").axes) == 1
+    # a trial without per-iteration metrics: nothing
+    assert figures.trial_figures(store["client"], trials.loc["w025_050"], tmp_path / "none") == []
+
+
+def test_table1_heatmap_cells_are_the_deltas(store, tmp_path):
+    table = tables.build(1, store["trials"].reset_index(drop=True))
+    grids = figures.heatmap_grids(table)
+    assert list(grids) == ["voc_sgd_l1"]
+    grid = grids["voc_sgd_l1"]
+    final = {name: spec[1][-1] * 100.0 for name, spec in TRIALS.items()}
+    assert grid.at[1.0, 1.0] == 0.0
+    assert grid.at[0.25, 0.5] == pytest.approx(final["w025_050"] - final["base"])
+    assert grid.at[2.0, 1.5] == pytest.approx(final["w200_150"] - final["base"])
+    assert sorted(grid.index) == [0.25, 1.0, 2.0] and sorted(grid.columns) == [0.5, 1.0, 1.5]
+    assert math.isnan(grid.at[0.25, 1.0])  # no run there
+    figure = figures.heatmap_figure(table)
+    image = figure.axes[0].images[0].get_array()
+    assert np.ma.filled(image, np.nan)[1, 1] == 0.0
+    texts = {t.get_text() for t in figure.axes[0].texts}
+    assert f"{final['w025_050'] - final['base']:+.2f}" in texts
+    paths = figures.table1_heatmap(table, tmp_path)
+    assert [p.name for p in paths] == ["table1_heatmap.png", "table1_heatmap.pdf"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_metric_per_epoch_one_line_per_trial(store, tmp_path):
+    trials = store["trials"].reset_index(drop=True)
+    paths = figures.metric_per_epoch(store["client"], trials, tmp_path)
+    assert [p.name for p in paths] == ["metric_per_epoch.png", "metric_per_epoch.pdf"]
+    curves = [(f"{name} (map)", figures.history(store["client"], run_id, "val/map") * 100.0)
+              for name, run_id in zip(trials["name"], trials["run_id"])]
+    drawn = line_data(figures.metric_figure(curves).axes[0])
+    assert set(drawn) == {f"{name} (map)" for name in TRIALS}
+    for name, (_, per_epoch, _) in TRIALS.items():
+        assert drawn[f"{name} (map)"] == pytest.approx(([1, 2, 3], [v * 100.0 for v in per_epoch]))
