@@ -11,10 +11,9 @@ from ray.tune import Callback
 class LiveTable(Callback):
     """Prints trial name, state, iteration, loss and score; at most every ``every`` s."""
 
-    def __init__(self, total: int, every: float = 10.0, out=None):
+    def __init__(self, total: int, every: float = 10.0):
         self.total = total
         self.every = every
-        self.out = out or sys.stdout
         self.rows: dict[str, dict] = {}
         self._last = 0.0
 
@@ -57,4 +56,4 @@ class LiveTable(Callback):
             loss = f"{row['loss']:.4f}" if row["loss"] is not None else "-"
             score = f"{row['score']:.4f}" if row["score"] else "-"
             lines.append(f"  {row['name'][:48]:<48} {row['state']:<9} {row['iteration']:>6} {loss:>8} {score:>7}")
-        print("\n".join(lines), file=self.out, flush=True)
+        print("\n".join(lines), file=sys.stdout, flush=True)

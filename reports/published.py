@@ -15,8 +15,7 @@ from importlib import resources
 
 import pandas as pd
 
-from reports.tables import (APPROACHES, BACKBONES, DETECTORS, LOSSES, MISSING, Table,
-                            format_number)
+from reports.tables import BACKBONES, DETECTORS, LOSSES, MISSING, Table, format_number
 
 FILES = {
     1: "table1_loss_weight_grid.csv", 2: "table2_voc_alwa.csv",

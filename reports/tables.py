@@ -168,8 +168,8 @@ def normalize(trials: pd.DataFrame) -> pd.DataFrame:
     approach = method.copy()
     approach[(method == "none") | ((method == "fixed") & (cls_weight == 1) & (reg_weight == 1))] = "baseline"
     approach[method == "alwa"] = "alwa_" + variant[method == "alwa"]
-    head_default = pd.Series(np.where(one_stage, "retina", "rpn"), index=trials.index)
-    head = trials.get("params.weighting.head", head_default).where(lambda h: h.notna(), head_default)
+    head = text("weighting.head", "")
+    head = head.where(head != "", np.where(one_stage, "retina", "rpn"))
     reg_loss = text("model.losses.roi_reg.type", "l1").where(
         ~one_stage, text("model.losses.retina_reg.type", "l1"))
     return pd.DataFrame({
@@ -305,7 +305,7 @@ def _cell_text(stats: CellStats | None, decimals: int, value: float | None = Non
 
 def _ordered(paper: list, found) -> list:
     """The paper's values in its order, then any other values found, sorted."""
-    extra = sorted(set(found) - set(paper), key=str)
+    extra = sorted(set(found) - set(paper))  # one axis holds one type: str, float or tuple
     return list(paper) + extra
 
 

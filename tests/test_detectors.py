@@ -357,3 +357,59 @@ def test_rpn_subclass_is_torchvisions():
     assert isinstance(model.rpn, RegionProposalNetwork)
     assert isinstance(model, torchvision.models.detection.MaskRCNN)
     assert model.roi_heads.has_mask()
+
+
+def test_rpn_and_roi_losses_agree_with_torchvision_when_configured_alike():
+    """With torchvision's smooth L1 (beta 1/9) and every image holding positives and
+    negatives, the mmdetection normaliser equals torchvision's: the losses must match."""
+    from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+    torch.manual_seed(0)
+    torchvision_like = {"type": "smooth_l1", "beta": 1 / 9}
+    model = build_detector(tiny_config("faster_rcnn", losses={"rpn_reg": torchvision_like, "roi_reg": torchvision_like}))
+    images, targets = make_batch(with_masks=False)
+    images, targets = model.transform(images, targets)
+    features = model.backbone(images.tensors)
+    rpn = model.rpn
+    objectness, deltas = rpn.head(list(features.values()))
+    anchors = rpn.anchor_generator(images, list(features.values()))
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
+    torch.manual_seed(1)
+    ours = rpn.compute_head_losses(objectness, deltas, anchors, labels, matched)
+    torch.manual_seed(1)  # the same random sample of anchors
+    reference = RegionProposalNetwork.compute_loss(rpn, objectness, deltas, labels, rpn.box_coder.encode(matched, anchors))
+    assert torch.allclose(ours["rpn_cls"], reference[0])
+    assert torch.allclose(ours["rpn_reg"], reference[1], rtol=1e-5)
+
+    heads = model.roi_heads
+    proposals = [t["boxes"] + torch.tensor([2.0, -1.0, 3.0, 1.0]) for t in targets]
+    proposals = [torch.cat([p, torch.tensor([[0.0, 0.0, 20.0, 20.0], [60.0, 60.0, 95.0, 95.0]])]) for p in proposals]
+    torch.manual_seed(2)
+    sampled, matched_idxs, roi_labels, regression_targets = heads.select_training_samples(proposals, targets)
+    class_logits, box_regression = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, sampled, images.image_sizes)))
+    matched_gt = [t["boxes"][i] for t, i in zip(targets, matched_idxs)]
+    ours = heads.compute_head_losses(class_logits, box_regression, sampled, roi_labels, regression_targets, matched_gt)
+    reference = fastrcnn_loss(class_logits, box_regression, roi_labels, regression_targets)
+    assert torch.allclose(ours["roi_cls"], reference[0])
+    assert torch.allclose(ours["roi_reg"], reference[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["l1", "smooth_l1", "giou", "diou", "ciou"])
+def test_retinanet_box_loss_agrees_with_torchvision_for_one_image(loss_type):
+    """For a single image both normalise by its number of positives (torchvision's head
+    supports all five box losses through ``_loss_type``)."""
+    torch.manual_seed(0)
+    model = build_detector(tiny_config("retinanet", loss_type))
+    images, targets = make_batch(with_masks=False)
+    images, targets = model.transform(images[:1], targets[:1])
+    features = list(model.backbone(images.tensors).values())
+    outputs = model.head(features)
+    anchors = model.anchor_generator(images, features)
+    matched = [model.proposal_matcher(torchvision.ops.box_iou(targets[0]["boxes"], anchors[0]))]
+    ours = model.head.compute_loss(targets, outputs, anchors, matched)
+    model.head.regression_head._loss_type = loss_type
+    reference = model.head.regression_head.compute_loss(targets, outputs, anchors, matched)
+    assert torch.allclose(ours["retina_reg"], reference, rtol=1e-5)

@@ -150,3 +150,16 @@ def test_box_regression_loss_config_validation():
         BoxRegressionLoss.from_config({"loss_weight": "ten"}, "model.losses.roi_reg")
     with pytest.raises(ConfigError, match="model.losses.roi_reg"):
         BoxRegressionLoss.from_config("l1", "model.losses.roi_reg")
+
+
+def test_half_precision_deltas_on_large_boxes_stay_finite():
+    """Under AMP the heads emit fp16 deltas; a 600×1000 box's area overflows fp16."""
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    anchors = torch.tensor([[0.0, 0.0, 1000.0, 600.0], [100.0, 50.0, 900.0, 580.0]])
+    gt = torch.tensor([[10.0, 5.0, 990.0, 590.0], [90.0, 60.0, 920.0, 570.0]])
+    deltas = (torch.randn(2, 4) * 0.05).half()
+    for loss_type in ("l1", "giou", "diou", "ciou"):
+        loss = BoxRegressionLoss(loss_type)(deltas, anchors, gt, coder)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss).all(), loss_type
+        expected = BoxRegressionLoss(loss_type)(deltas.float(), anchors, gt, coder)
+        assert torch.allclose(loss, expected)

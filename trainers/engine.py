@@ -155,6 +155,7 @@ class _Run:
         model = build_detector(model_cfg).to(device)
         self.head = config["weighting"]["head"]
         self.weighting = build_weighting(config["weighting"])
+        self.weighting.to(device)  # learnable weights must live where the optimizer's state will
         params = list(model.parameters()) + list(self.weighting.parameters())
         self.optimizer = build_optimizer(config["optimizer"], params)
         if dist_utils.is_distributed():

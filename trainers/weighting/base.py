@@ -4,7 +4,7 @@ A weighting method acts on the (classification, regression) loss pair of one
 detection head. The engine calls it once per training iteration with the two
 unweighted scalar losses and back-propagates the two weighted losses it returns, so
 ``__call__`` runs in the hot loop: it must not synchronise with the device
-(no ``.item()``, ``float(tensor)``, ``bool(tensor)``, ``.cpu()``). Whatever a method
+(no ``Tensor.item``, ``float(tensor)``, ``bool(tensor)``, ``Tensor.cpu``). Whatever a method
 needs to decide on the host (whether an update happens) depends on call counts only.
 """
 

@@ -1,0 +1,204 @@
+"""Claim: an engine training step is <= 5 % slower than a bare torchvision training loop.
+
+Both loops train the same tiny Faster R-CNN object with the same SGD optimizer on the
+same pre-loaded batches of the synthetic VOC set (loading is excluded from both: it is
+the DataLoader's cost, identical for any loop, and on 2 shared cores its noise would
+drown a 5 % difference). Per step:
+
+- bare loop (torchvision's ``references/detection`` reduced to its core):
+  ``loss = sum(model(images, targets).values()); zero_grad; backward; step``;
+- engine: the real :func:`trainers.engine.train_one_epoch` of a :class:`trainers.engine._Run`
+  built from a config (ALWA_1, interval 20), whose loader is swapped for the list of
+  pre-loaded batches. So every step pays what the engine adds: the lr lookup and
+  setting, the device copy, the autocast context, the ALWA call and its records,
+  the disabled GradScaler, ``RecordBuffer.add``, the ``on_iteration`` hook, and a pull
+  of the records every ``train.log_every`` iterations (the engine's ``flush``:
+  ``RecordBuffer.pull`` + the non-finite check + a no-op ``log_iterations``).
+
+Rounds interleave an engine block and a bare block of the same iterations (the order
+alternates between rounds) so slow drifts of the shared machine hit both alike; a
+block is a whole number of ``log_every`` periods. Printed: the median amortised
+per-step time of each, the median of the per-round ratios engine / bare (the PASS
+criterion), and the engine's added host work timed alone (the same calls with the
+model's losses replaced by constants), which is far less noisy than the difference.
+
+    python benchmarks/bench_engine_overhead.py            # 12 rounds x 40 iterations
+    python benchmarks/bench_engine_overhead.py --quick    # 4 rounds x 20 iterations
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+import time
+from types import SimpleNamespace
+
+import torch
+
+from trainers.config import load_config
+from trainers.data.synthetic import make_synthetic
+from trainers.engine import TrainingLogger, _Position, _Run, _to_device, _weighted_total, train_one_epoch
+from trainers.records import RecordBuffer, first_non_finite
+from trainers.weighting import build_weighting
+
+CLAIMED_OVERHEAD = 0.05
+LOG_EVERY = 20  # the engine pulls its records every LOG_EVERY iterations
+
+
+def benchmark_config(data: dict, batch_size: int) -> dict:
+    """The tiny detector of tests/test_engine.py, ALWA_1 updating every 20 calls, a
+    schedule too long to end inside the benchmark and a constant lr (no warm-up)."""
+    return {
+        "dataset": {"kind": "voc", "root": data["root"], "train_sets": data["train_sets"],
+                    "test_sets": data["test_sets"], "scale": [128, 128], "num_workers": 0,
+                    "flip": 0.5},
+        "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
+        "weighting": {"method": "alwa", "variant": 1, "interval": 20},
+        "optimizer": {"lr": 0.01},
+        "schedule": {"unit": "iter", "max_iters": 10**9, "steps": [], "warmup_iters": 0},
+        "train": {"batch_size": batch_size, "log_every": LOG_EVERY, "eval_every": 0, "device": "cpu"},
+    }
+
+
+def preload_batches(run: _Run) -> list:
+    """One epoch of the engine's own loader (real images, flips and collation), kept in memory."""
+    run.sampler.set_epoch(0)
+    return list(run.loader)
+
+
+def make_flush(buffer: RecordBuffer, logger: TrainingLogger, last_loss: list):
+    """The engine's ``flush`` (``trainers.engine.train``) for one process."""
+    def flush() -> None:
+        rows = buffer.pull()
+        if not rows:
+            return
+        bad = first_non_finite(rows, "train/loss")
+        if bad is not None:
+            raise RuntimeError(f"non-finite loss at iteration {bad['step']}: the timings would be meaningless")
+        logger.log_iterations(rows)
+        last_loss[0] = rows[-1]["train/loss"]
+    return flush
+
+
+def engine_block(run: _Run, position: _Position, buffer: RecordBuffer, flush, batches: list) -> list[float]:
+    """Train ``len(batches)`` engine steps; returns the time of each (from the hook)."""
+    stamps = [time.perf_counter()]
+    run.on_iteration = lambda iteration: stamps.append(time.perf_counter())
+    run.loader = batches
+    position.epoch_batches = 0  # train_one_epoch only reads it for checkpoints (disabled)
+    train_one_epoch(run, position, buffer, flush, checkpoint=lambda: None)
+    # The flush at the end of a block runs after the last hook: charge it to the block.
+    stamps[-1] = time.perf_counter()
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def bare_block(model, optimizer, batches: list) -> list[float]:
+    """torchvision's training step, nothing else; returns the time of each step."""
+    model.train()
+    times = []
+    for images, targets in batches:
+        start = time.perf_counter()
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def engine_additions_alone(run: _Run, batches: list, iterations: int) -> float:
+    """Seconds per step of the engine's host work around the model, the model's losses
+    replaced by constants (a fresh ALWA, so the benchmarked run's weighting is untouched).
+    Excludes only the backward of the few extra autograd nodes the weighting adds."""
+    stand_in = SimpleNamespace(head=run.head, weighting=build_weighting(run.config["weighting"]))
+    leaf = torch.ones((), requires_grad=True)
+    names = ("rpn_cls", "rpn_reg", "roi_cls", "roi_reg")
+    buffer, last_loss = RecordBuffer(), [None]
+    flush = make_flush(buffer, TrainingLogger(), last_loss)
+    batch_cycle = itertools.cycle(batches)
+    start = time.perf_counter()
+    for iteration in range(1, iterations + 1):
+        lr = run.schedule.lr_at(iteration)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        images, targets = _to_device(*next(batch_cycle), run.device)
+        with torch.autocast(run.device.type, enabled=False):
+            raw_losses = {name: leaf * (1.0 + 0.1 * i) for i, name in enumerate(names)}
+        total, values = _weighted_total(stand_in, raw_losses, None)
+        values["lr"] = lr
+        buffer.add(iteration, 1, values)
+        if iteration % LOG_EVERY == 0:
+            flush()
+    return (time.perf_counter() - start) / iterations
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 rounds of 20 iterations (well under a minute)")
+    parser.add_argument("--rounds", type=int, help="measured rounds (default 12, quick 4)")
+    parser.add_argument("--iters", type=int, help=f"iterations per block, a multiple of {LOG_EVERY} "
+                        "(default 40, quick 20)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both loops (default 1)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (4 if args.quick else 12)
+    iters = args.iters or (20 if args.quick else 40)
+    if iters % LOG_EVERY:
+        parser.error(f"--iters must be a multiple of {LOG_EVERY} so every block pulls its records equally often")
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_synthetic(tmp, format="voc", images=64, seed=0)
+        config = load_config(benchmark_config(data, args.batch_size))
+        run = _Run(config, torch.device("cpu"))
+        distinct = preload_batches(run)
+    batches = list(itertools.islice(itertools.cycle(distinct), iters))
+    position, buffer, last_loss = _Position(), RecordBuffer(), [None]
+    flush = make_flush(buffer, TrainingLogger(), last_loss)
+
+    print(f"tiny Faster R-CNN, batch {args.batch_size} of 128 px images, {len(distinct)} distinct batches, "
+          f"ALWA_1 (interval 20), records pulled every {LOG_EVERY} iterations, "
+          f"torch threads {torch.get_num_threads()}, {rounds} rounds x {iters} iterations per loop")
+    # Warm-up (allocator, first-call paths), not measured.
+    engine_block(run, position, buffer, flush, batches[:LOG_EVERY])
+    bare_block(run.model, run.optimizer, batches[:LOG_EVERY])
+
+    engine_steps, bare_steps, ratios, engine_all, bare_all = [], [], [], [], []
+    for index in range(rounds):
+        if index % 2 == 0:
+            engine = engine_block(run, position, buffer, flush, batches)
+            bare = bare_block(run.model, run.optimizer, batches)
+        else:
+            bare = bare_block(run.model, run.optimizer, batches)
+            engine = engine_block(run, position, buffer, flush, batches)
+        engine_steps.append(sum(engine) / iters)
+        bare_steps.append(sum(bare) / iters)
+        ratios.append(engine_steps[-1] / bare_steps[-1])
+        engine_all += engine
+        bare_all += bare
+        print(f"  round {index + 1:2d}: engine {engine_steps[-1] * 1e3:7.2f} ms/step   "
+              f"bare {bare_steps[-1] * 1e3:7.2f} ms/step   ratio {ratios[-1]:.3f}")
+
+    added = engine_additions_alone(run, distinct, 20 * LOG_EVERY)
+    engine_median, bare_median = statistics.median(engine_steps), statistics.median(bare_steps)
+    ratio = statistics.median(ratios)
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratio, ratio, ratio]
+    print(f"last logged train/loss: {last_loss[0]:.4f} (finite: both loops trained a live model)")
+    print(f"median per step, amortised over a block: engine {engine_median * 1e3:.2f} ms, "
+          f"bare {bare_median * 1e3:.2f} ms (ratio of medians {engine_median / bare_median:.3f})")
+    print(f"median per step, single steps:           engine {statistics.median(engine_all) * 1e3:.2f} ms, "
+          f"bare {statistics.median(bare_all) * 1e3:.2f} ms")
+    print(f"engine / bare, median of per-round ratios: {ratio:.3f} "
+          f"(quartiles {quartiles[0]:.3f} .. {quartiles[2]:.3f}) -> overhead {100 * (ratio - 1):+.1f} %")
+    print(f"engine's added host work timed alone: {added * 1e6:.0f} us/step "
+          f"= {100 * added / bare_median:.2f} % of a bare step")
+    ok = ratio <= 1 + CLAIMED_OVERHEAD
+    print(f"{'PASS' if ok else 'FAIL'}: engine step {'<=' if ok else '>'} {100 * CLAIMED_OVERHEAD:.0f} % "
+          f"slower than the bare loop")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
