@@ -142,7 +142,7 @@ def main() -> int:
                    "min_size": height, "max_size": width}
         experiments.append(
             (f"R50-FPN Faster R-CNN, 2×{width}×{height} px", r50_cfg, make_batch(2, height, width, 20, generator),
-             (2, 2, 1) if args.quick else (6, 2, 1))
+             (2, 2, 1) if args.quick else (4, 2, 1))
         )
 
     worst = 0.0

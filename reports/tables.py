@@ -144,6 +144,9 @@ class CellStats:
     diverged: str = ""       # "nan", "overflow" or "nan/overflow" when no run finished
 
 
+NO_RUNS = CellStats()
+
+
 def normalize(trials: pd.DataFrame) -> pd.DataFrame:
     """The params the tables group by, typed and with the engine's defaults filled in."""
 
@@ -287,13 +290,13 @@ def format_number(value: float, decimals: int, signed: bool = False) -> str:
     return f"{value:+.{decimals}f}" if signed else f"{value:.{decimals}f}"
 
 
-def _cell_text(stats: CellStats | None, decimals: int, value: float | None = None,
+def _cell_text(stats: CellStats, decimals: int, value: float | None = None,
                signed: bool = False) -> str:
     """``74.34``, ``74.34 ± 0.12 (n=3)``, ``nan``/``overflow`` or ``–``.
 
     ``value`` replaces the mean (a delta) while the spread stays that of the seeds.
     """
-    if stats is None or (stats.n == 0 and not stats.diverged):
+    if stats.n == 0 and not stats.diverged:
         return MISSING
     if stats.n == 0:
         return stats.diverged
@@ -348,6 +351,11 @@ def _decimals(metric: str) -> int:
 
 # ---------------------------------------------------------------- the tables
 
+def _table1_metric(setting: str, metric: str | None) -> str:
+    """The paper's metric of a Table 1 column (AP on COCO, mAP otherwise), unless overridden."""
+    return metric or ("ap" if setting.startswith("coco_") else "map")
+
+
 def _setting_name(setting: str) -> tuple:
     dataset, optimizer, loss = setting.split("_", 2)
     return f"{name(DATASETS, dataset)} {name(OPTIMIZERS, optimizer)}", name(LOSSES, loss)
@@ -359,28 +367,26 @@ def table1(trials: pd.DataFrame, metric: str | None = None) -> Table:
         (r["method"] == "none") | ((r["method"] == "fixed") & (r["head"] == "rpn"))))
     runs = _pin(runs, "backbone", "resnet50", notes, "model.backbone")
     settings = runs["dataset"] + "_" + runs["optimizer"] + "_" + runs["reg_loss"]
-    metric_of = (pd.Series(metric, index=runs.index) if metric else
-                 runs["dataset"].map(lambda d: "ap" if d == "coco" else "map"))
+    metric_of = settings.map(lambda setting: _table1_metric(setting, metric))
     runs = runs.assign(value=_percent(trials.loc[runs.index], metric_of))
     pairs = list(zip(runs["cls_weight"], runs["reg_weight"]))
     stats = _collect(runs, pd.Series([(c, r, s) for (c, r), s in zip(pairs, settings)],
                                      index=runs.index, dtype=object), left_out, metric_of)
 
     columns = _ordered(TABLE1_SETTINGS, settings)
-    column_metric = {s: metric or ("ap" if s.startswith("coco_") else "map") for s in columns}
-    decimals = {s: _decimals(column_metric[s]) for s in columns}
+    decimals = {s: _decimals(_table1_metric(s, metric)) for s in columns}
     grid = _Grid(columns, {s: _setting_name(s) for s in columns}, decimals)
     absolute_shown = False
     for cls_weight, reg_weight in _ordered(TABLE1_WEIGHTS, pairs):
         is_base = (cls_weight, reg_weight) == (1.0, 1.0)
         cells, values, keys = {}, {}, {}
         for s in columns:
-            cell = stats.get((cls_weight, reg_weight, s))
             keys[s] = (cls_weight, reg_weight, s)
-            base = stats.get((1.0, 1.0, s), CellStats())
-            if is_base or cell is None or cell.n == 0:
+            cell = stats.get(keys[s], NO_RUNS)
+            base = stats.get((1.0, 1.0, s), NO_RUNS)
+            if is_base or cell.n == 0:
                 cells[s] = _cell_text(cell, decimals[s])
-                values[s] = cell.mean if is_base and cell is not None else math.nan
+                values[s] = cell.mean if is_base else math.nan
             elif base.n == 0:
                 cells[s] = "(" + _cell_text(cell, decimals[s]) + ")"
                 absolute_shown = True
@@ -424,11 +430,9 @@ def table2(trials: pd.DataFrame, metric: str | None = None) -> Table:
                             else "+" + name(APPROACHES, approach))
             cells, values, keys = {}, {}, {}
             for loss in columns:
-                key = (detector, backbone, approach, loss)
-                cell = stats.get(key)
-                cells[loss] = _cell_text(cell, decimals[loss])
-                values[loss] = cell.mean if cell else math.nan
-                keys[loss] = key
+                keys[loss] = (detector, backbone, approach, loss)
+                cell = stats.get(keys[loss], NO_RUNS)
+                cells[loss], values[loss] = _cell_text(cell, decimals[loss]), cell.mean
             rows.append(grid.add({"Method": method_label, "Backbone": name(BACKBONES, backbone)},
                                  cells, values, keys))
         bold_groups += [(rows, [loss]) for loss in columns]
@@ -446,21 +450,21 @@ def table3(trials: pd.DataFrame, metric: str | None = None) -> Table:
     headers = {"baseline": ("", "Initial"), "alwa_1": ("", "+ALWA_1"), "alwa_2": ("", "+ALWA_2")}
     grid = _Grid(ALWA_METHODS, headers, decimals)
     for detector in _ordered(TABLE3_DETECTORS, runs["detector"]):
-        base = stats.get((detector, "baseline"))
+        base = stats.get((detector, "baseline"), NO_RUNS)
         cells, values, keys = {}, {}, {}
         for approach in ALWA_METHODS:
-            cell = stats.get((detector, approach))
             keys[approach] = (detector, approach)
-            values[approach] = cell.mean if cell else math.nan
+            cell = stats.get(keys[approach], NO_RUNS)
+            values[approach] = cell.mean
             cells[approach] = _with_delta(cell, base, decimals[approach], approach != "baseline")
         grid.add({"Method": name(DETECTORS, detector)}, cells, values, keys)
     return grid.table(3, notes, left_out, len(runs))
 
 
-def _with_delta(cell: CellStats | None, base: CellStats | None, decimals: int, show: bool) -> str:
+def _with_delta(cell: CellStats, base: CellStats, decimals: int, show: bool) -> str:
     """The cell, followed by ``(+Δ)`` against the baseline when both have a number."""
     text = _cell_text(cell, decimals)
-    if show and cell is not None and cell.n and base is not None and base.n:
+    if show and cell.n and base.n:
         text += f" ({format_number(cell.mean - base.mean, decimals, signed=True)})"
     return text
 
@@ -480,10 +484,10 @@ def table4(trials: pd.DataFrame, metric: str | None = None) -> Table:
     for approach in _ordered(TABLE4_APPROACHES, runs["approach"]):
         cells, values, keys = {}, {}, {}
         for detector in columns:
-            cell = stats.get((approach, detector))
             keys[detector] = (approach, detector)
-            values[detector] = cell.mean if cell else math.nan
-            cells[detector] = _with_delta(cell, stats.get(("baseline", detector)),
+            cell = stats.get(keys[detector], NO_RUNS)
+            values[detector] = cell.mean
+            cells[detector] = _with_delta(cell, stats.get(("baseline", detector), NO_RUNS),
                                           decimals[detector], approach == "alwa_1")
         grid.add({"Approach": name(APPROACHES, approach)}, cells, values, keys)
     rows = list(range(len(grid.labels)))
@@ -508,10 +512,9 @@ def table5(trials: pd.DataFrame, metric: str | None = None) -> Table:
     for detector, loss, backbone in _ordered(TABLE5_ROWS, found):
         cells, values, keys = {}, {}, {}
         for approach in ALWA_METHODS:
-            key = (detector, loss, backbone, approach)
-            cell = stats.get(key)
-            keys[approach], values[approach] = key, (cell.mean if cell else math.nan)
-            cells[approach] = _cell_text(cell, decimals[approach])
+            keys[approach] = (detector, loss, backbone, approach)
+            cell = stats.get(keys[approach], NO_RUNS)
+            cells[approach], values[approach] = _cell_text(cell, decimals[approach]), cell.mean
         row = grid.add({"Setting": f"{name(DETECTORS, detector)} + {name(LOSSES, loss)}",
                         "Backbone": name(BACKBONES, backbone)}, cells, values, keys)
         bold_groups.append(([row], ALWA_METHODS))
@@ -555,11 +558,10 @@ def table6(trials: pd.DataFrame, metric: str | None = None) -> Table:
             if i >= len(rows):
                 continue  # the shorter block ends early: blank, not missing
             for loss in losses:
-                key = (block, rows[i], loss)
-                cell = stats.get(key)
                 column = f"{block}:{loss}"
-                keys[column], values[column] = key, (cell.mean if cell else math.nan)
-                cells[column] = _cell_text(cell, decimals[column])
+                keys[column] = (block, rows[i], loss)
+                cell = stats.get(keys[column], NO_RUNS)
+                cells[column], values[column] = _cell_text(cell, decimals[column]), cell.mean
         if i < len(interval_rows):
             cells["C"] = f"{interval_rows[i]:g}"
         grid.add({"λ0": f"{lambda0_rows[i]:.2f}" if i < len(lambda0_rows) else ""},

@@ -281,7 +281,8 @@ def test_build_datasets_from_config(synthetic_voc):
     assert train.class_names == list(VOC_CLASSES)
     small_train, _ = build_datasets(voc_config(synthetic_voc, flip=0.0,
                                                class_names=synthetic_voc["class_names"]))
-    assert small_train.transforms is None and small_train.class_names == synthetic_voc["class_names"]
+    assert small_train.transforms is None
+    assert small_train.class_names == synthetic_voc["class_names"]
     with pytest.raises(ConfigError, match="Mask R-CNN"):
         build_datasets(voc_config(synthetic_voc), with_masks=True)
 

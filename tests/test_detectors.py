@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from trainers.detectors import DETECTORS, build_detector, validate_model_config
@@ -148,8 +149,9 @@ def test_rpn_normalisation_matches_mmdetection():
     generator = torch.Generator().manual_seed(5)
     coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
     # Few enough anchors that the sampler (256 per image) keeps every non-ignored one.
-    anchors = [torch.tensor([[0, 0, 10, 10], [5, 5, 20, 20], [0, 0, 30, 30], [10, 0, 40, 20], [2, 2, 8, 8]], dtype=torch.float)] * 2
-    labels = [torch.tensor([1.0, 0.0, 1.0, -1.0, 0.0]), torch.tensor([0.0, 0.0, -1.0, 0.0, 0.0])]  # image 2: no positive
+    anchors = [torch.tensor([[0, 0, 10, 10], [5, 5, 20, 20], [0, 0, 30, 30], [10, 0, 40, 20], [2, 2, 8, 8.0]])] * 2
+    # 1 = positive, 0 = negative, -1 = ignored; image 2 has no positive.
+    labels = [torch.tensor([1.0, 0.0, 1.0, -1.0, 0.0]), torch.tensor([0.0, 0.0, -1.0, 0.0, 0.0])]
     gt = [anchors[0] + torch.tensor([1.0, -1.0, 2.0, 0.5]), torch.zeros(5, 4)]
     objectness = torch.randn(10, 1, generator=generator)
     deltas = torch.randn(10, 4, generator=generator) * 0.2
@@ -167,7 +169,8 @@ def test_rpn_normalisation_matches_mmdetection():
         # 2 pos + 2 neg in image 1, max(0, 1) + 4 neg in image 2
         avg_factor = (2 + 2) + (1 + 4)
         if loss.type == "l1":
-            per_box = (deltas[positives] - coder.encode_single(flat_gt[positives], flat_anchors[positives])).abs().sum(1)
+            target_deltas = coder.encode_single(flat_gt[positives], flat_anchors[positives])
+            per_box = (deltas[positives] - target_deltas).abs().sum(1)
         else:
             decoded = coder.decode_single(deltas[positives], flat_anchors[positives])
             per_box = 10.0 * generalized_box_iou_loss(decoded, flat_gt[positives], reduction="none")
@@ -191,7 +194,10 @@ def test_roi_normalisation_matches_mmdetection():
     heads: RoIHeadsWithHeadLosses = model.roi_heads
     generator = torch.Generator().manual_seed(6)
     num_outputs = NUM_CLASSES + 1
-    proposals = [torch.tensor([[0, 0, 10, 10], [5, 5, 25, 20], [3, 3, 9, 12.0]]), torch.tensor([[1, 2, 30, 40.0], [0, 0, 5, 5.0]])]
+    proposals = [
+        torch.tensor([[0, 0, 10, 10], [5, 5, 25, 20], [3, 3, 9, 12.0]]),
+        torch.tensor([[1, 2, 30, 40.0], [0, 0, 5, 5.0]]),
+    ]
     gt = [p + 1.5 for p in proposals]
     labels = [torch.tensor([2, 0, 3]), torch.tensor([1, 0])]
     targets = [heads.box_coder.encode_single(g, p) for g, p in zip(gt, proposals)]
@@ -204,7 +210,8 @@ def test_roi_normalisation_matches_mmdetection():
     per_class = box_regression.reshape(5, num_outputs, 4)
     positives = [0, 2, 3]
     per_box = [
-        F.smooth_l1_loss(per_class[i, flat_labels[i]], torch.cat(targets)[i], beta=1.0, reduction="sum") for i in positives
+        F.smooth_l1_loss(per_class[i, flat_labels[i]], torch.cat(targets)[i], beta=1.0, reduction="sum")
+        for i in positives
     ]
     assert torch.allclose(losses["roi_reg"], sum(per_box) / 5)
     assert torch.allclose(losses["roi_cls"], F.cross_entropy(class_logits, flat_labels))
@@ -217,7 +224,9 @@ def test_retinanet_normalisation_matches_mmdetection():
     generator = torch.Generator().manual_seed(7)
     num_outputs, num_anchors = NUM_CLASSES + 1, 6
     head = RetinaNetHeadWithHeadLosses(8, 1, num_outputs, BoxRegressionLoss("l1"))
-    anchors = [torch.tensor([[0, 0, 10, 10], [5, 5, 20, 20], [0, 0, 30, 30], [10, 0, 40, 20], [2, 2, 8, 8], [1, 1, 9, 9.0]])] * 2
+    anchors = [
+        torch.tensor([[0, 0, 10, 10], [5, 5, 20, 20], [0, 0, 30, 30], [10, 0, 40, 20], [2, 2, 8, 8], [1, 1, 9, 9.0]])
+    ] * 2
     targets = [
         {"boxes": torch.tensor([[1, 1, 11, 11.0], [12, 1, 38, 22.0]]), "labels": torch.tensor([2, 3])},
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
@@ -234,7 +243,8 @@ def test_retinanet_normalisation_matches_mmdetection():
     class_target[0, 0, 1] = class_target[0, 5, 1] = class_target[0, 3, 2] = 1  # labels 2, 2, 3 → columns 1, 1, 2
     valid = torch.ones(2, num_anchors, dtype=torch.bool)
     valid[0, 2] = False
-    focal = sigmoid_focal_loss(outputs["cls_logits"][..., 1:][valid], class_target[valid], alpha=0.25, gamma=2, reduction="sum")
+    object_logits = outputs["cls_logits"][..., 1:]
+    focal = sigmoid_focal_loss(object_logits[valid], class_target[valid], alpha=0.25, gamma=2, reduction="sum")
     assert torch.allclose(losses["retina_cls"], focal / avg_factor)
 
     coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
@@ -248,7 +258,8 @@ def test_retinanet_normalisation_matches_mmdetection():
     assert torch.allclose(head.kpis["reg_iou"], paired_box_iou(decoded, positive_gt).mean())
     # Balanced accuracy by hand: best object class if its logit > 0, else background.
     logits = outputs["cls_logits"][..., 1:]
-    predicted = torch.where(logits.max(-1).values > 0, logits.argmax(-1) + 1, torch.zeros(2, num_anchors, dtype=torch.long))
+    background = torch.zeros(2, num_anchors, dtype=torch.long)
+    predicted = torch.where(logits.max(-1).values > 0, logits.argmax(-1) + 1, background)
     truth = torch.zeros(2, num_anchors, dtype=torch.long)
     truth[0, 0], truth[0, 3], truth[0, 5] = 2, 3, 2
     positive = truth > 0
@@ -260,7 +271,8 @@ def test_retinanet_normalisation_matches_mmdetection():
 def test_resnet50_faster_rcnn_forward():
     torch.manual_seed(0)
     model = build_detector(
-        {"detector": "faster_rcnn", "backbone": "resnet50", "pretrained": "none", "num_classes": 20, "min_size": 64, "max_size": 96}
+        {"detector": "faster_rcnn", "backbone": "resnet50", "pretrained": "none", "num_classes": 20,
+         "min_size": 64, "max_size": 96}
     )
     anchor_sizes = [s[0] for s in model.rpn.anchor_generator.sizes]
     assert anchor_sizes == [32, 64, 128, 256, 512]
@@ -291,6 +303,11 @@ def test_imagenet_weights_missing_is_a_config_error(tmp_path, monkeypatch):
     assert str(tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in message
     assert "pretrained: none" in message
 
+    config = {"detector": "mask_rcnn", "backbone": "resnet101", "pretrained": "imagenet"}
+    validate_model_config(config)  # the cache is only checked when asked
+    with pytest.raises(ConfigError, match="resnet101-63fe2227.pth"):
+        validate_model_config(config, check_weights=True)
+
 
 def test_imagenet_weights_are_loaded_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -302,7 +319,8 @@ def test_imagenet_weights_are_loaded_from_the_cache(tmp_path, monkeypatch):
     torch.save(reference.state_dict(), path)
 
     torch.manual_seed(2)
-    model = build_detector({"detector": "retinanet", "backbone": "resnet50", "pretrained": "imagenet", "num_classes": 20})
+    r50_imagenet = {"detector": "retinanet", "backbone": "resnet50", "pretrained": "imagenet", "num_classes": 20}
+    model = build_detector(r50_imagenet)
     body = model.backbone.body
     assert torch.equal(body.conv1.weight, reference.conv1.weight)
     assert torch.equal(body.layer3[2].conv2.weight, reference.layer3[2].conv2.weight)
@@ -314,7 +332,7 @@ def test_imagenet_weights_are_loaded_from_the_cache(tmp_path, monkeypatch):
 
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot read"):
-        build_detector({"detector": "retinanet", "backbone": "resnet50", "pretrained": "imagenet", "num_classes": 20})
+        build_detector(r50_imagenet)
 
 
 @pytest.mark.parametrize(
@@ -362,25 +380,23 @@ def test_rpn_subclass_is_torchvisions():
 def test_rpn_and_roi_losses_agree_with_torchvision_when_configured_alike():
     """With torchvision's smooth L1 (beta 1/9) and every image holding positives and
     negatives, the mmdetection normaliser equals torchvision's: the losses must match."""
-    from torchvision.models.detection.roi_heads import fastrcnn_loss
-
     torch.manual_seed(0)
     torchvision_like = {"type": "smooth_l1", "beta": 1 / 9}
-    model = build_detector(tiny_config("faster_rcnn", losses={"rpn_reg": torchvision_like, "roi_reg": torchvision_like}))
+    losses = {"rpn_reg": torchvision_like, "roi_reg": torchvision_like}
+    model = build_detector(tiny_config("faster_rcnn", losses=losses))
     images, targets = make_batch(with_masks=False)
     images, targets = model.transform(images, targets)
     features = model.backbone(images.tensors)
     rpn = model.rpn
     objectness, deltas = rpn.head(list(features.values()))
     anchors = rpn.anchor_generator(images, list(features.values()))
-    from torchvision.models.detection.rpn import concat_box_prediction_layers
-
     objectness, deltas = concat_box_prediction_layers(objectness, deltas)
     labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
     torch.manual_seed(1)
     ours = rpn.compute_head_losses(objectness, deltas, anchors, labels, matched)
     torch.manual_seed(1)  # the same random sample of anchors
-    reference = RegionProposalNetwork.compute_loss(rpn, objectness, deltas, labels, rpn.box_coder.encode(matched, anchors))
+    regression_targets = rpn.box_coder.encode(matched, anchors)
+    reference = RegionProposalNetwork.compute_loss(rpn, objectness, deltas, labels, regression_targets)
     assert torch.allclose(ours["rpn_cls"], reference[0])
     assert torch.allclose(ours["rpn_reg"], reference[1], rtol=1e-5)
 
@@ -389,7 +405,8 @@ def test_rpn_and_roi_losses_agree_with_torchvision_when_configured_alike():
     proposals = [torch.cat([p, torch.tensor([[0.0, 0.0, 20.0, 20.0], [60.0, 60.0, 95.0, 95.0]])]) for p in proposals]
     torch.manual_seed(2)
     sampled, matched_idxs, roi_labels, regression_targets = heads.select_training_samples(proposals, targets)
-    class_logits, box_regression = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, sampled, images.image_sizes)))
+    box_features = heads.box_head(heads.box_roi_pool(features, sampled, images.image_sizes))
+    class_logits, box_regression = heads.box_predictor(box_features)
     matched_gt = [t["boxes"][i] for t, i in zip(targets, matched_idxs)]
     ours = heads.compute_head_losses(class_logits, box_regression, sampled, roi_labels, regression_targets, matched_gt)
     reference = fastrcnn_loss(class_logits, box_regression, roi_labels, regression_targets)

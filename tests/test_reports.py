@@ -142,6 +142,19 @@ def golden_trials() -> list[Trial]:
     ]
 
 
+DEMO_EXPERIMENT = "alwa-report-demo"
+
+
+def demo_trials() -> list[Trial]:
+    """A demo sweep: a tiny backbone and C = 5, none of the paper's pinned settings."""
+    tiny = {"model.backbone": "tiny"}
+    return [
+        Trial("demo_base", none(**tiny), {"map": 0.1210}),
+        Trial("demo_a1", alwa(1, **tiny, **{"weighting.interval": "5"}), {"map": 0.1388}),
+        Trial("demo_a2", alwa(2, **tiny, **{"weighting.interval": "5"}), {"map": 0.1302}),
+    ]
+
+
 def per_iteration_series():
     """Known per-iteration values of the figure trial: step -> value, per metric key."""
     series = {}
@@ -180,6 +193,9 @@ def build_store(uri: str, artifact_root: str) -> dict:
     golden_id = client.create_experiment(GOLDEN_EXPERIMENT, artifact_location=f"{artifact_root}/golden")
     for trial in golden_trials():
         _log_trial(client, golden_id, trial, parent=None)
+    demo_id = client.create_experiment(DEMO_EXPERIMENT, artifact_location=f"{artifact_root}/demo")
+    for trial in demo_trials():
+        _log_trial(client, demo_id, trial, parent=None)
     return {"experiment": experiment_id, "sweep": sweep_id, "golden": golden_id, "lone_train": lone}
 
 
@@ -227,9 +243,9 @@ def store():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def finals(*names, metric="map"):
+def finals(*names, metric="map", trial_list=None):
     """The final metric, in percent, of the named trials."""
-    by_name = {t.name: t for t in trials()}
+    by_name = {t.name: t for t in (trial_list or trials())}
     return [by_name[n].final[metric] * 100.0 for n in names]
 
 
@@ -372,6 +388,19 @@ def test_table2_blocks_and_best_per_block_and_column(store):
     assert r101.sum() == 6 and set(table.cells.loc[r101].stack()) == {"–"}
     assert any("weighting.interval (ALWA) = 100 (also found: 20)" in n for n in table.notes)
     assert any("dataset.kind = voc (also found: coco)" in n for n in table.notes)
+
+
+def test_runs_off_the_paper_settings_still_count(store):
+    """With no ResNet-50 / C = 100 run to pin to, a demo's tiny runs fill an extra block."""
+    demo = runs.load_trials(store["client"], experiment=DEMO_EXPERIMENT)
+    table = tables.build(2, demo)
+    tiny = row_of(table, Method="Faster R-CNN", Backbone="tiny")
+    values = finals("demo_base", "demo_a1", "demo_a2", trial_list=demo_trials())
+    assert table.cells.loc[tiny:tiny + 2, "l1"].tolist() == [f"{v:.2f}" for v in values]
+    assert table.bold.loc[tiny:tiny + 2, "l1"].tolist() == [v == max(values) for v in values]
+    assert table.labels["Backbone"].tolist()[:12] == ["ResNet-50"] * 3 + ["ResNet-101"] * 3 + \
+        ["ResNet-50"] * 3 + ["ResNet-101"] * 3  # the paper's blocks first, empty
+    assert table.notes == []
 
 
 # ---------------------------------------------------------------- Table 3

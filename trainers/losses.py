@@ -87,7 +87,9 @@ def giou_loss(pred_boxes: Tensor, target_boxes: Tensor, eps: float = IOU_EPS) ->
     return 1 - giou
 
 
-def _normalised_centre_distance(pred_boxes: Tensor, target_boxes: Tensor, enclose_w: Tensor, enclose_h: Tensor, eps: float) -> Tensor:
+def _normalised_centre_distance(
+    pred_boxes: Tensor, target_boxes: Tensor, enclose_w: Tensor, enclose_h: Tensor, eps: float
+) -> Tensor:
     """ρ²(centres) / c², c the diagonal of the smallest enclosing box (the DIoU penalty)."""
     pred_centre = (pred_boxes[..., :2] + pred_boxes[..., 2:]) / 2
     target_centre = (target_boxes[..., :2] + target_boxes[..., 2:]) / 2
@@ -164,7 +166,9 @@ class BoxRegressionLoss:
     """The configured regression loss of one head: ``{type, beta, loss_weight}``.
 
     Calling it returns ``loss_weight`` × the per-box loss of the positives, decoding
-    the predicted deltas only when the loss type needs boxes.
+    the predicted deltas only when the loss type needs boxes. ``beta`` is read by
+    ``smooth_l1`` only; other types accept and ignore it, so a sweep can vary ``type``
+    over a base config that sets ``beta``.
     """
 
     type: str = "l1"

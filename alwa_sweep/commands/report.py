@@ -26,18 +26,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--paper", action="store_true",
                         help="put the paper's published numbers and the difference beside each column")
     parser.add_argument("--tracking-uri", metavar="URI",
-                        help="MLflow tracking URI (default: MLflow's, e.g. $MLFLOW_TRACKING_URI)")
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the store "
+                             "`alwa-sweep run` writes by default: sqlite:///./alwa_runs/mlflow.db)")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
 
 
 def run(args) -> int:
     # Heavy imports here: the CLI imports every command module to build --help.
+    from alwa_sweep.tracking import default_tracking_uri
     from reports import figures, published, render, runs, tables
 
     if args.metric is not None and not re.fullmatch(r"[A-Za-z0-9_./]+", args.metric):
         raise ConfigError("--metric", f"{args.metric!r} is not a metric name.",
                           "Give the part after val/, e.g. map, ap or ap50.")
-    client = runs.open_client(args.tracking_uri)
+    client = runs.open_client(args.tracking_uri or default_tracking_uri())
     trials = runs.load_trials(client, experiment=args.experiment, sweep_run_id=args.sweep)
     source = f"experiment {args.experiment!r}" if args.experiment else f"sweep {args.sweep}"
     if trials.empty:
@@ -52,7 +54,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     heatmap_source = None
-    for number in args.table or range(1, 7):
+    for number in dict.fromkeys(args.table or range(1, 7)):
         table = tables.build(number, trials, args.metric)
         if number == 1:
             heatmap_source = table

@@ -41,7 +41,8 @@ def validate_dataset_config(dataset_cfg: dict) -> None:
     field, e.g. ``dataset.root``. Cheap: meant to run before any trial starts.
     """
     if not isinstance(dataset_cfg, dict):
-        raise ConfigError("dataset", "must be a mapping.", "See the example in trainers/data/build.py.")
+        raise ConfigError("dataset", "must be a mapping.",
+                          "See the example in trainers/data/build.py.")
     unknown = sorted(set(dataset_cfg) - set(KNOWN_KEYS))
     if unknown:
         raise ConfigError(f"dataset.{unknown[0]}", "unknown key.",
@@ -53,7 +54,8 @@ def validate_dataset_config(dataset_cfg: dict) -> None:
     scale = dataset_cfg.get("scale", [1000, 600])
     if not (isinstance(scale, (list, tuple)) and len(scale) == 2
             and all(_is_int(v) and v > 0 for v in scale)):
-        raise ConfigError("dataset.scale", f"must be two positive integers [long, short], got {scale!r}.")
+        raise ConfigError("dataset.scale",
+                          f"must be two positive integers [long, short], got {scale!r}.")
     flip = dataset_cfg.get("flip", 0.5)
     if not (isinstance(flip, Real) and not isinstance(flip, bool) and 0 <= flip <= 1):
         raise ConfigError("dataset.flip", f"must be a probability in [0, 1], got {flip!r}.")

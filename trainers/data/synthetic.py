@@ -184,7 +184,8 @@ def _voc_xml(image_name: str, size: int, objects) -> str:
         x1, y1, x2, y2 = obj["box"]
         # VOC numbers pixels from 1 and its boxes include the last pixel.
         parts += ["\t<object>", f"\t\t<name>{obj['class']}</name>", "\t\t<pose>Unspecified</pose>",
-                  "\t\t<truncated>0</truncated>", f"\t\t<difficult>{int(obj['difficult'])}</difficult>",
+                  "\t\t<truncated>0</truncated>",
+                  f"\t\t<difficult>{int(obj['difficult'])}</difficult>",
                   f"\t\t<bndbox><xmin>{x1 + 1}</xmin><ymin>{y1 + 1}</ymin>"
                   f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox>",
                   "\t</object>"]
@@ -313,7 +314,8 @@ def make_synthetic(out_dir, format: str = "voc", images: int = 200, seed: int = 
 
     if format == "voc":
         for split, members in splits.items():
-            (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(m + "\n" for m in members))
+            split_file = voc / "ImageSets" / "Main" / f"{split}.txt"
+            split_file.write_text("".join(member + "\n" for member in members))
     else:
         category_ids = [1 + 2 * k for k in range(num_classes)]
         for split, members in (("train", trainval), ("val", test)):

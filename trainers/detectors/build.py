@@ -22,13 +22,21 @@ backbone keeps the same layout with smaller heads and anchors.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Callable
 
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-from trainers.detectors.backbones import BACKBONES, PRETRAINED_CHOICES, anchor_generator, build_backbone
+from trainers.detectors.backbones import (
+    BACKBONES,
+    PRETRAINED_CHOICES,
+    anchor_generator,
+    build_backbone,
+    imagenet_weights_path,
+    load_imagenet_state_dict,
+)
 from trainers.detectors.retinanet import RetinaNetWithHeadLosses
 from trainers.detectors.two_stage import FasterRCNNWithHeadLosses, MaskRCNNWithHeadLosses
 from trainers.errors import ConfigError, choice_error
@@ -51,10 +59,12 @@ MODEL_DEFAULTS = {
 }
 
 
-def validate_model_config(model_cfg: dict) -> dict:
+def validate_model_config(model_cfg: dict, *, check_weights: bool = False) -> dict:
     """Check every ``model.*`` field; returns a resolved copy (defaults filled,
     ``losses`` as :class:`BoxRegressionLoss` per head). ``num_classes`` may still be
-    None here (the engine fills it from the dataset); ``build_detector`` requires it."""
+    None here (the engine fills it from the dataset); ``build_detector`` requires it.
+    ``check_weights=True`` also checks that ImageNet weights, when asked for, are in
+    the torch hub cache of this machine (``build_detector`` always does)."""
     if not isinstance(model_cfg, dict):
         raise ConfigError("model", f"expected a mapping, got {type(model_cfg).__name__}.")
     for key in model_cfg:
@@ -73,6 +83,8 @@ def validate_model_config(model_cfg: dict) -> dict:
         raise choice_error("model.pretrained", cfg["pretrained"], PRETRAINED_CHOICES)
     if cfg["backbone"] == "tiny" and cfg["pretrained"] == "imagenet":
         raise ConfigError("model.pretrained", "the tiny backbone has no ImageNet weights.", "Use pretrained: none.")
+    if check_weights and cfg["pretrained"] == "imagenet" and not os.path.isfile(imagenet_weights_path(cfg["backbone"])):
+        load_imagenet_state_dict(cfg["backbone"])  # raises the ConfigError that says where the file goes
     if cfg["num_classes"] is not None:
         _positive_int(cfg["num_classes"], "model.num_classes")
     _positive_int(cfg["min_size"], "model.min_size")
@@ -102,7 +114,9 @@ def build_detector(model_cfg: dict) -> nn.Module:
     """Validate ``model_cfg`` and build the detector (train forward → dict of raw head losses)."""
     cfg = validate_model_config(model_cfg)
     if cfg["num_classes"] is None:
-        raise ConfigError("model.num_classes", "is required to build a detector.", "Set it to the number of object classes.")
+        raise ConfigError(
+            "model.num_classes", "is required to build a detector.", "Set it to the number of object classes."
+        )
     return DETECTORS[cfg["detector"]](cfg)
 
 
@@ -125,7 +139,7 @@ def _two_stage_settings(cfg: dict, with_masks: bool) -> dict:
             rpn_pre_nms_top_n_test=500,
             rpn_post_nms_top_n_train=300,
             rpn_post_nms_top_n_test=300,
-            box_batch_size_per_image=128,
+            box_batch_size_per_image=64,
             box_head=TwoMLPHead(channels * 7 * 7, representation),
             box_predictor=FastRCNNPredictor(representation, num_outputs),
             num_classes=None,

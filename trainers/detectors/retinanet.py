@@ -29,7 +29,6 @@ two parts plays the role of the two-stage RPN's balanced 256-anchor sample.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection._utils import Matcher
@@ -55,7 +54,6 @@ class RetinaNetHeadWithHeadLosses(RetinaNetHead):
         # float32: under AMP the head runs in fp16, where box areas and focal sums overflow.
         cls_logits = head_outputs["cls_logits"].float()  # (N, A, K+1)
         bbox_regression = head_outputs["bbox_regression"]  # (N, A, 4)
-        num_classes = cls_logits.shape[-1]
         matched = torch.stack(matched_idxs)  # (N, A): gt index, or -1 background, -2 ignored
         foreground = matched >= 0
         valid = matched != Matcher.BETWEEN_THRESHOLDS
@@ -66,27 +64,25 @@ class RetinaNetHeadWithHeadLosses(RetinaNetHead):
             ]
         )  # (N, A), 0 for background
         num_positives = foreground.sum(dim=1).clamp(min=1).sum()
+        pos_image, pos_anchor = torch.where(foreground)
 
         # Focal loss over the K object classes (column 0 excluded, see module docstring).
-        one_hot = F.one_hot(labels, num_classes)[..., 1:].float()
-        focal = sigmoid_focal_loss(
-            cls_logits[..., 1:], one_hot, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction="none"
-        )
+        object_logits = cls_logits[..., 1:]
+        class_targets = torch.zeros_like(object_logits)
+        class_targets[pos_image, pos_anchor, labels[pos_image, pos_anchor] - 1] = 1.0
+        focal = sigmoid_focal_loss(object_logits, class_targets, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction="none")
         cls_loss = (focal * valid.unsqueeze(-1)).sum() / num_positives
 
-        pos_image, pos_anchor = torch.where(foreground)
         pos_deltas = bbox_regression[pos_image, pos_anchor].float()
         pos_anchors = torch.stack(anchors)[pos_image, pos_anchor]
         pos_gt_boxes = torch.cat(
             [t["boxes"][m[f]] for t, m, f in zip(targets, matched, foreground)]
         )  # same order as torch.where: image-major, then anchor
-        pos_boxes = self.box_coder.decode_single(pos_deltas, pos_anchors) if self.reg_loss.uses_decoded_boxes else None
+        pos_boxes = self.box_coder.decode_single(pos_deltas, pos_anchors)  # IoU losses and the KPI
         per_box = self.reg_loss(pos_deltas, pos_anchors, pos_gt_boxes, self.box_coder, pred_boxes=pos_boxes)
         reg_loss = per_box.sum() / num_positives
 
         with torch.no_grad():
-            if pos_boxes is None:
-                pos_boxes = self.box_coder.decode_single(pos_deltas, pos_anchors)
             self.kpis = {
                 "cls_acc": _balanced_accuracy(cls_logits.detach(), labels, foreground, valid),
                 "reg_iou": paired_box_iou(pos_boxes.detach(), pos_gt_boxes).sum() / max(pos_gt_boxes.shape[0], 1),

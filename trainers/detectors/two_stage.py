@@ -120,13 +120,11 @@ class RPNWithHeadLosses(RegionProposalNetwork):
         pos_anchors = torch.cat(anchors)[sampled_pos_inds]
         pos_gt_boxes = torch.cat(matched_gt_boxes)[sampled_pos_inds]
         pos_deltas = pred_bbox_deltas[sampled_pos_inds].float()  # fp16 under AMP: box areas overflow
-        pos_boxes = self.box_coder.decode_single(pos_deltas, pos_anchors) if self.reg_loss.uses_decoded_boxes else None
+        pos_boxes = self.box_coder.decode_single(pos_deltas, pos_anchors)  # IoU losses and the KPI
         per_box = self.reg_loss(pos_deltas, pos_anchors, pos_gt_boxes, self.box_coder, pred_boxes=pos_boxes)
         reg_loss = per_box.sum() / num_samples
 
         with torch.no_grad():
-            if pos_boxes is None:
-                pos_boxes = self.box_coder.decode_single(pos_deltas, pos_anchors)
             predicted_object = objectness[sampled_inds] > 0
             is_object = labels[sampled_inds] > 0.5
             self.kpis = {
@@ -209,15 +207,13 @@ class RoIHeadsWithHeadLosses(RoIHeads):
         pos_proposals = torch.cat(proposals)[pos_inds]
         pos_gt_boxes = torch.cat(matched_gt_boxes)[pos_inds]
         pos_targets = torch.cat(regression_targets)[pos_inds]
-        pos_boxes = self.box_coder.decode_single(pos_deltas, pos_proposals) if self.reg_loss.uses_decoded_boxes else None
+        pos_boxes = self.box_coder.decode_single(pos_deltas, pos_proposals)  # IoU losses and the KPI
         per_box = self.reg_loss(
             pos_deltas, pos_proposals, pos_gt_boxes, self.box_coder, target_deltas=pos_targets, pred_boxes=pos_boxes
         )
         reg_loss = per_box.sum() / max(num_rois, 1)
 
         with torch.no_grad():
-            if pos_boxes is None:
-                pos_boxes = self.box_coder.decode_single(pos_deltas, pos_proposals)
             self.kpis = {
                 "cls_acc": (class_logits.argmax(dim=1) == labels).float().mean(),
                 "reg_iou": _mean_or_zero(paired_box_iou(pos_boxes.detach(), pos_gt_boxes)),
@@ -245,7 +241,9 @@ class TwoStageHeadLosses:
     the paper's code; set it to "roi" to weight the ROI head instead (the KPIs follow).
     """
 
-    def __init__(self, backbone, num_classes, rpn_reg_loss: BoxRegressionLoss, roi_reg_loss: BoxRegressionLoss, **kwargs):
+    def __init__(
+        self, backbone, num_classes, rpn_reg_loss: BoxRegressionLoss, roi_reg_loss: BoxRegressionLoss, **kwargs
+    ):
         super().__init__(backbone, num_classes, **kwargs)
         self.rpn = RPNWithHeadLosses.from_torchvision(self.rpn, rpn_reg_loss)
         self.roi_heads = RoIHeadsWithHeadLosses.from_torchvision(self.roi_heads, roi_reg_loss)
