@@ -1,0 +1,168 @@
+"""Claim: the project's MLflow logging costs <= 1 % of a tiny-model CPU training step.
+
+Measured in one run, in interleaved rounds so that the shared machine's load hits all
+three alike:
+
+(a) the step: the real engine loop (:func:`trainers.engine.train_one_epoch`, tiny
+    Faster R-CNN, batch 4 of 128 px synthetic VOC images pre-loaded in memory, ALWA_1
+    with interval 20) for ``log_every = 50`` iterations per round; median of the
+    per-iteration times (the pull of the records happens after the round's last hook,
+    so it is not in them);
+(b) the project's logging path: the 50 rows that round pulled from the engine (its
+    real keys and values, 11 metrics per row and 4 more on ALWA's update rows) go to
+    ``MlflowTrainingLogger.log_iterations`` in one call, as the engine does, writing to
+    a fresh SQLite store in a temporary directory; the call's time / 50;
+(c) the naive alternative: the same rows logged one per iteration with
+    ``mlflow.log_metrics(..., synchronous=True)`` into a second fresh SQLite store;
+    the total time / 50.
+
+Prints (b)/(a) (the PASS criterion), (c)/(a) and (c)/(b), each the median over rounds
+of the ratio within the round.
+
+    python benchmarks/bench_mlflow_logging.py            # 8 rounds of 50 iterations
+    python benchmarks/bench_mlflow_logging.py --quick    # 2 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+
+from alwa_sweep.tracking import MlflowTrainingLogger, get_or_create_experiment, open_store, sqlite_uri
+from trainers.config import load_config
+from trainers.data.synthetic import make_synthetic
+from trainers.engine import _Position, _Run, train_one_epoch
+from trainers.records import RecordBuffer
+
+CLAIMED_SHARE = 0.01
+LOG_EVERY = 50  # the engine's default train.log_every
+
+
+def benchmark_config(data: dict) -> dict:
+    """The tiny detector of tests/test_engine.py with ALWA_1 and the default log_every."""
+    return {
+        "dataset": {"kind": "voc", "root": data["root"], "train_sets": data["train_sets"],
+                    "test_sets": data["test_sets"], "scale": [128, 128], "num_workers": 0,
+                    "flip": 0.5},
+        "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
+        "weighting": {"method": "alwa", "variant": 1, "interval": 20},
+        "optimizer": {"lr": 0.01},
+        "schedule": {"unit": "iter", "max_iters": 10**9, "steps": [], "warmup_iters": 0},
+        "train": {"batch_size": 4, "log_every": LOG_EVERY, "eval_every": 0, "device": "cpu"},
+    }
+
+
+def engine_round(run: _Run, position: _Position, buffer: RecordBuffer, batches: list) -> tuple[list[float], list[dict]]:
+    """``len(batches)`` engine steps; returns each step's time and the pulled rows."""
+    stamps = [time.perf_counter()]
+    run.on_iteration = lambda iteration: stamps.append(time.perf_counter())
+    run.loader = batches
+    position.epoch_batches = 0  # train_one_epoch only reads it for checkpoints (disabled)
+    train_one_epoch(run, position, buffer, flush=lambda: None, checkpoint=lambda: None)
+    return [b - a for a, b in zip(stamps, stamps[1:])], buffer.pull()
+
+
+def project_logging(logger: MlflowTrainingLogger, rows: list[dict]) -> float:
+    """Seconds for the engine's one ``log_iterations`` call per pull."""
+    start = time.perf_counter()
+    logger.log_iterations(rows)
+    return time.perf_counter() - start
+
+
+def naive_logging(run_id: str, rows: list[dict]) -> float:
+    """Seconds for one synchronous ``mlflow.log_metrics`` per iteration."""
+    start = time.perf_counter()
+    for row in rows:
+        metrics = {name: value for name, value in row.items() if name not in ("step", "epoch")}
+        mlflow.log_metrics(metrics, step=row["step"], synchronous=True, run_id=run_id)
+    return time.perf_counter() - start
+
+
+def open_logger(store: Path, config: dict) -> MlflowTrainingLogger:
+    """A training run in a fresh SQLite store, started as the engine starts it."""
+    client = open_store(sqlite_uri(store / "mlflow.db"))
+    experiment = get_or_create_experiment(client, "bench-logging")
+    logger = MlflowTrainingLogger.create(client, experiment, "batched")
+    logger.start(config, 0, config["schedule"]["max_iters"])
+    return logger
+
+
+def open_naive_run(store: Path) -> str:
+    """A run in another fresh SQLite store for the fluent API."""
+    client = open_store(sqlite_uri(store / "mlflow.db"))
+    mlflow.set_tracking_uri(client.tracking_uri)
+    experiment = get_or_create_experiment(client, "bench-logging")
+    return client.create_run(experiment, run_name="naive").info.run_id
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 rounds (well under a minute)")
+    parser.add_argument("--rounds", type=int, help="measured rounds of 50 iterations (default 8, quick 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    args = parser.parse_args(argv)
+    num_rounds = args.rounds or (2 if args.quick else 8)
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = make_synthetic(tmp / "data", format="voc", images=64, seed=0)
+        config = load_config(benchmark_config(data))
+        run = _Run(config, torch.device("cpu"))
+        run.sampler.set_epoch(0)
+        batches = list(itertools.islice(itertools.cycle(list(run.loader)), LOG_EVERY))
+        logger = open_logger(tmp / "batched", config)
+        naive_run = open_naive_run(tmp / "naive")
+        position, buffer = _Position(), RecordBuffer()
+
+        print(f"tiny Faster R-CNN, batch 4 of 128 px images, ALWA_1 (interval 20), torch threads "
+              f"{torch.get_num_threads()}; {num_rounds} rounds of {LOG_EVERY} iterations, "
+              f"each logged to fresh SQLite stores")
+        # Warm-up round (first-call paths of the model and of both stores), not measured.
+        _, rows = engine_round(run, position, buffer, batches)
+        project_logging(logger, rows)
+        naive_logging(naive_run, rows)
+
+        steps, batched, naive, metrics_per_row = [], [], [], []
+        for index in range(num_rounds):
+            step_times, rows = engine_round(run, position, buffer, batches)
+            steps.append(statistics.median(step_times))
+            batched.append(project_logging(logger, rows) / len(rows))
+            naive.append(naive_logging(naive_run, rows) / len(rows))
+            metrics_per_row += [len(row) - 2 for row in rows]
+            print(f"  round {index + 1:2d}: (a) step {steps[-1] * 1e3:7.2f} ms   (b) batched "
+                  f"{batched[-1] * 1e3:6.3f} ms/iter   (c) naive {naive[-1] * 1e3:7.2f} ms/iter")
+
+        logged = logger.client.get_metric_history(logger.run_id, "train/loss")
+        expected = (num_rounds + 1) * LOG_EVERY
+        assert sorted(m.step for m in logged) == list(range(1, expected + 1)), "batched store is incomplete"
+        naive_logged = MlflowClient(mlflow.get_tracking_uri()).get_metric_history(naive_run, "train/loss")
+        assert sorted(m.step for m in naive_logged) == list(range(1, expected + 1)), "naive store is incomplete"
+
+    share = statistics.median(b / a for a, b in zip(steps, batched))
+    naive_share = statistics.median(c / a for a, c in zip(steps, naive))
+    speedup = statistics.median(c / b for b, c in zip(batched, naive))
+    print(f"{statistics.fmean(metrics_per_row):.1f} metrics per row on average "
+          f"({min(metrics_per_row)}..{max(metrics_per_row)}); both stores hold every step")
+    print(f"(a) tiny-model CPU step, median:          {statistics.median(steps) * 1e3:8.2f} ms")
+    print(f"(b) MlflowTrainingLogger, per iteration:  {statistics.median(batched) * 1e3:8.3f} ms "
+          f"(one log_batch of {LOG_EVERY} rows)")
+    print(f"(c) mlflow.log_metrics per iteration:     {statistics.median(naive) * 1e3:8.3f} ms")
+    print(f"(b)/(a) = {100 * share:.2f} %   (c)/(a) = {100 * naive_share:.1f} %   (c)/(b) = {speedup:.0f}x "
+          f"(medians of the per-round ratios)")
+    ok = share <= CLAIMED_SHARE
+    print(f"{'PASS' if ok else 'FAIL'}: logging costs {'<=' if ok else '>'} "
+          f"{100 * CLAIMED_SHARE:.0f} % of a tiny-model CPU step")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
