@@ -48,6 +48,7 @@ mAP / AP are stored as fractions; the tables print percent, 2 decimals for VOC m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -571,3 +572,25 @@ def table6(trials: pd.DataFrame, metric: str | None = None) -> Table:
     bold_groups = ([(lambda0_positions, [f"lambda0:{loss}"]) for loss in losses]
                    + [(interval_positions, [f"C:{loss}"]) for loss in losses])
     return grid.table(6, notes, left_out, len(runs), bold_groups)
+
+
+def compact(table: Table) -> Table:
+    """The table without the rows and value columns that hold no measured cell (only
+    ``–``): the paper's full layout is for paper-scale sweeps; a small sweep (the demo)
+    reads better without its empty cells."""
+    filled = table.cells != MISSING
+    columns = [c for c in table.cells.columns if filled[c].any()]
+    rows = [i for i in table.cells.index if filled.loc[i, columns].any()]
+    if not columns or not rows:
+        return table
+    renumber = {old: new for new, old in enumerate(rows)}
+
+    def keep(frame: pd.DataFrame, value_columns: bool = True) -> pd.DataFrame:
+        frame = frame.loc[rows, columns] if value_columns else frame.loc[rows]
+        return frame.reset_index(drop=True)
+
+    return dataclasses.replace(
+        table, labels=keep(table.labels, value_columns=False), cells=keep(table.cells),
+        values=keep(table.values), bold=keep(table.bold), keys=keep(table.keys),
+        headers={c: table.headers[c] for c in columns}, decimals={c: table.decimals[c] for c in columns},
+        signed_rows={renumber[i] for i in table.signed_rows if i in renumber})

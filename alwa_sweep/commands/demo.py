@@ -72,7 +72,7 @@ def run(args) -> int:
     report_dir = out / "reports" / name
     report.run(argparse.Namespace(experiment=None, sweep=summary.parent_run_id, table=[1, 2],
                                   format="both", out=report_dir, metric=None, paper=False,
-                                  tracking_uri=uri, no_figures=False))
+                                  tracking_uri=uri, no_figures=False, compact=True))
     minutes = (time.perf_counter() - started) / 60
     print(f"[4/4] done in {minutes:.1f} min.")
     print(f"  tables and figures: {report_dir}")

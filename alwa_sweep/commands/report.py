@@ -29,6 +29,8 @@ def add_arguments(parser) -> None:
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the store "
                              "`alwa-sweep run` writes by default: sqlite:///./alwa_runs/mlflow.db)")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+    parser.add_argument("--compact", action="store_true",
+                        help="drop rows and columns without any measured cell (small sweeps)")
 
 
 def run(args) -> int:
@@ -61,6 +63,8 @@ def run(args) -> int:
         if table.n_runs == 0 and not args.table:
             print(f"Table {number}: no matching runs, skipped.")
             continue
+        if args.compact:
+            table = tables.compact(table)
         if args.paper:
             table = published.with_paper(table)
         markdown = render.to_markdown(table)
