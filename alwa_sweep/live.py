@@ -18,11 +18,11 @@ class LiveTable(Callback):
         self._last = 0.0
 
     def _row(self, trial) -> dict:
-        return self.rows.setdefault(trial.trial_id, {"name": str(trial), "state": "PENDING",
+        return self.rows.setdefault(trial.trial_id, {"name": str(trial), "state": "pending",
                                                      "iteration": 0, "loss": None, "score": None})
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._row(trial)["state"] = "RUNNING"
+        self._row(trial)["state"] = "running"
         self._print(trials)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -36,12 +36,12 @@ class LiveTable(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
-        if row["state"] in ("running", "RUNNING"):
+        if row["state"] == "running":
             row["state"] = "ok"
         self._print(trials, force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._row(trial)["state"] = "ERROR"
+        self._row(trial)["state"] = "error"
         self._print(trials, force=True)
 
     def _print(self, trials, force=False):
@@ -49,7 +49,7 @@ class LiveTable(Callback):
         if not force and now - self._last < self.every:
             return
         self._last = now
-        done = sum(1 for r in self.rows.values() if r["state"] not in ("PENDING", "RUNNING", "running"))
+        done = sum(1 for r in self.rows.values() if r["state"] not in ("pending", "running"))
         lines = [f"[{time.strftime('%H:%M:%S')}] trials: {done}/{self.total} finished",
                  f"  {'trial':<48} {'status':<9} {'iter':>6} {'loss':>8} {'mAP':>7}"]
         for row in self.rows.values():
