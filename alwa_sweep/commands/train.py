@@ -35,9 +35,16 @@ def run(args) -> int:
     run_name = args.run_name or Path(args.config).stem
     if not re.fullmatch(r"[\w.\-]+", run_name):
         raise ConfigError("--run-name", f"{run_name!r} may only hold letters, digits, '.', '_' and '-'.")
-    workdir = Path(args.workdir or Path("alwa_runs") / "train" / run_name).resolve()
     if args.resume and not Path(args.resume).exists():
         raise ConfigError("--resume", f"{args.resume} does not exist.", "Pass a checkpoint file or folder.")
+    if args.workdir:
+        workdir = Path(args.workdir).resolve()
+    elif args.resume:
+        # A run's folder holds checkpoints/ckpt_*.pt and the id of its MLflow run.
+        resume = Path(args.resume).resolve()
+        workdir = resume.parent.parent if resume.is_file() else resume.parent
+    else:
+        workdir = (Path("alwa_runs") / "train" / run_name).resolve()
     if not args.resume and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
         raise ConfigError("--workdir", f"{workdir} already holds checkpoints of an earlier run.",
                           f"Resume it with --resume {workdir / 'checkpoints'}, or pick another --run-name.")
