@@ -15,15 +15,20 @@ drown a 5 % difference). Per step:
   of the records every ``train.log_every`` iterations (the engine's ``flush``:
   ``RecordBuffer.pull`` + the non-finite check + a no-op ``log_iterations``).
 
-Rounds interleave an engine block and a bare block of the same iterations (the order
-alternates between rounds) so slow drifts of the shared machine hit both alike; a
-block is a whole number of ``log_every`` periods. Printed: the median amortised
-per-step time of each, the median of the per-round ratios engine / bare (the PASS
-criterion), and the engine's added host work timed alone (the same calls with the
-model's losses replaced by constants), which is far less noisy than the difference.
+Bare and engine steps alternate one by one, on the same model and optimizer: the
+engine's loader runs (and times) a bare step on batch k before handing batch k to the
+engine, so both see the same machine load and model state, and the bare time is
+subtracted from the engine's hook-to-hook interval. A round is a whole number of
+``log_every`` periods, so each round holds the same number of pulls. Printed: per
+round, both per-step times amortised over the round; the medians over rounds and the
+median of the per-round ratios engine / bare (the PASS criterion, wall clock); the
+same in process CPU time (far less disturbed by other processes on a shared machine);
+and the engine's added host work timed alone (the same calls around constant losses
+in place of the model: an upper bound, far less noisy than a difference of two steps).
 
-    python benchmarks/bench_engine_overhead.py            # 12 rounds x 40 iterations
-    python benchmarks/bench_engine_overhead.py --quick    # 4 rounds x 20 iterations
+    python benchmarks/bench_engine_overhead.py            # 10 rounds x 40 step pairs
+    python benchmarks/bench_engine_overhead.py --quick    # 3 rounds x 20 step pairs
+    python benchmarks/bench_engine_overhead.py --threads 2
 """
 
 from __future__ import annotations
@@ -142,7 +147,8 @@ def paired_round(run: _Run, position: _Position, buffer: RecordBuffer, flush, ba
 def engine_additions_alone(run: _Run, batches: list, iterations: int) -> float:
     """Seconds per step of the engine's host work around the model, the model's losses
     replaced by constants (a fresh ALWA, so the benchmarked run's weighting is untouched).
-    Excludes only the backward of the few extra autograd nodes the weighting adds."""
+    It also charges the making of the constant losses; it leaves out only the backward
+    of the few autograd nodes the weighting adds (scalar products)."""
     stand_in = SimpleNamespace(head=run.head, weighting=build_weighting(run.config["weighting"]))
     leaf = torch.ones((), requires_grad=True)
     names = ("rpn_cls", "rpn_reg", "roi_cls", "roi_reg")
