@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from trainers.config import DEFAULTS, apply_overrides, load_yaml, resolve_config, validate_config
+from trainers.data.build import build_datasets, resolve_dataset_paths
 from trainers.errors import ConfigError, UserInputError
 
 SPEC_KEYS = {"name", "description", "experiment", "base", "grid", "seeds", "resources", "scheduler",
@@ -249,6 +250,10 @@ def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool =
     if not isinstance(raw["base"], dict):
         raise ConfigError("base", "expected a mapping (a training config).")
     base = apply_overrides(raw["base"], overrides)
+    if isinstance(base.get("dataset"), dict):
+        # Absolute from here on: spec.yaml in the sweep folder keeps them for `resume`,
+        # whatever directory that runs from.
+        base["dataset"] = resolve_dataset_paths(base["dataset"])
     trials, seen_configs = [], set()
     for combo in expand_grid(raw["grid"], raw.get("seeds")):
         flat = {}
@@ -278,3 +283,18 @@ def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool =
                 base=base, trials=trials, resources=_resources(raw.get("resources")),
                 scheduler=_scheduler(raw.get("scheduler")), max_concurrent=max_concurrent,
                 max_failures=max_failures, estimate=estimate, raw=raw)
+
+
+def check_datasets(configs) -> int:
+    """Read each distinct dataset of these training configs as training will (every
+    annotation parsed, every image folder listed), so that a malformed XML or JSON, an
+    unknown class or a missing image fails before any run or trial exists instead of
+    inside every trial. Returns the number of distinct datasets read."""
+    seen = set()
+    for config in configs:
+        with_masks = config["model"]["detector"] == "mask_rcnn"
+        key = json.dumps([config["dataset"], with_masks], sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            build_datasets({**config["dataset"], "flip": 0.0}, with_masks=with_masks)
+    return len(seen)

@@ -8,15 +8,21 @@ the engine's records, ≤ 1000 metrics per call), never one request per iteratio
 from __future__ import annotations
 
 import os
+import queue
+import socket
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from alwa_sweep.sweep_paths import check_writable
 from trainers.config import flatten
 from trainers.engine import TrainingLogger
+from trainers.errors import ConfigError
 
 DEFAULT_STORE_DIR = "alwa_runs"
 MAX_METRICS_PER_BATCH = 1000
@@ -51,15 +57,42 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):])
 
 
-def open_store(uri: str) -> MlflowClient:
+def check_tracking_server(uri: str, field: str = "--tracking-uri", timeout: float = 3.0) -> None:
+    """Fail fast when an http(s) tracking server does not answer.
+
+    MLflow's client retries a refused connection with back-off for minutes before it
+    gives up; a sweep or a training run should not start (or hang) that way.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    try:
+        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:  # a port that is not a number
+        host = port = None
+    if not host or not port:
+        raise ConfigError(field, f"{uri!r} is not of the form http://host:port.")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConfigError(field, f"cannot reach the MLflow tracking server at {host}:{port} "
+                          f"({exc.strerror or exc}).",
+                          "Start it (`mlflow server ...`, see the README) or fix the URI; "
+                          f"`curl {uri.rstrip('/')}/health` should answer OK.") from None
+
+
+def open_store(uri: str, field: str = "--tracking-uri") -> MlflowClient:
     """A client for ``uri``, creating (and migrating) a SQLite store if it is new.
 
     Call this in the driver before any trial starts: processes that create a fresh
-    SQLite store concurrently race on its schema migration.
+    SQLite store concurrently race on its schema migration. An unreachable server or
+    an unwritable store folder is a :class:`ConfigError` naming ``field``.
     """
+    check_tracking_server(uri, field)
     db = sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+    if db is not None and not db.exists():
+        check_writable(db.parent, field)
     client = MlflowClient(tracking_uri=uri)
     client.search_experiments(max_results=1)
     return client
@@ -91,6 +124,53 @@ def _param_value(value) -> str:
     return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
 
 
+class BackgroundWriter:
+    """One thread that writes metric batches, so training never waits on the store.
+
+    ``wait()`` blocks until everything queued is written and re-raises the first
+    error the thread met; the logger calls it at evaluations, checkpoints and the end,
+    so what a checkpoint covers is stored before the checkpoint is announced.
+    """
+
+    def __init__(self, write):
+        self._write = write
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="mlflow-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self):
+        while True:
+            item = self._queue.get()
+            try:
+                if item is not None and self._error is None:
+                    self._write(item)
+            except BaseException as exc:  # surfaced by wait()
+                self._error = exc
+            finally:
+                self._queue.task_done()
+            if item is None:
+                return
+
+    def put(self, item) -> None:
+        self._raise()
+        self._queue.put(item)
+
+    def wait(self) -> None:
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+        self._raise()
+
+    def _raise(self):
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 class MlflowTrainingLogger(TrainingLogger):
     """Writes the engine's records into one MLflow run.
 
@@ -98,11 +178,13 @@ class MlflowTrainingLogger(TrainingLogger):
     already stored before the interruption are not written again.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, progress: TrainingLogger | None = None):
+    def __init__(self, client: MlflowClient, run_id: str, progress: TrainingLogger | None = None,
+                 background: bool = True):
         self.client = client
         self.run_id = run_id
         self.progress = progress or TrainingLogger()
         self._skip_until = 0
+        self._writer = BackgroundWriter(self._log_metrics) if background else None
 
     @classmethod
     def create(cls, client: MlflowClient, experiment_id: str, run_name: str, *, tags: dict | None = None,
@@ -137,19 +219,36 @@ class MlflowTrainingLogger(TrainingLogger):
         metrics = [Metric(name, value, timestamp, row["step"])
                    for row in rows if row["step"] > self._skip_until
                    for name, value in row.items() if name not in ("step", "epoch")]
-        self._log_metrics(metrics)
+        if self._writer is not None:
+            self._writer.put(metrics)
+        else:
+            self._log_metrics(metrics)
         self.progress.log_iterations(rows)
+
+    def wait(self) -> None:
+        """Block until every queued metric is stored."""
+        if self._writer is not None:
+            self._writer.wait()
 
     def log_evaluation(self, epoch, iteration, metrics):
         timestamp = int(time.time() * 1000)
+        self.wait()
         self._log_metrics([Metric(name, value, timestamp, epoch) for name, value in metrics.items()])
         self.progress.log_evaluation(epoch, iteration, metrics)
 
     def on_checkpoint(self, path, iteration, epoch):
+        self.wait()
         self.client.set_tag(self.run_id, "alwa.checkpoint", str(path))
         self.progress.on_checkpoint(path, iteration, epoch)
 
     def finish(self, status, reason, metrics):
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except Exception as exc:  # the run's result stands, but say its records are incomplete
+                if status == "ok":
+                    status, reason = "error", f"writing metrics to MLflow failed: {exc}"
         self.client.set_tag(self.run_id, TAG_STATUS, status)
         if reason:
             self.client.set_tag(self.run_id, TAG_REASON, reason[:5000])

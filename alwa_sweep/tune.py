@@ -183,6 +183,8 @@ def run_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str, *, address: str | 
     sweep_dir = Path(sweep_dir).resolve()
     if state is None:
         state = prepare_sweep(spec, sweep_dir, tracking_uri)
+    else:  # a resumed sweep: its store must answer before any trial starts
+        open_store(state["tracking_uri"], f"{sweep_dir / 'sweep.json'}: tracking_uri")
     _init_ray(address, num_cpus)
     from ray import tune
 

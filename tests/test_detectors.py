@@ -339,6 +339,7 @@ def test_imagenet_weights_are_loaded_from_the_cache(tmp_path, monkeypatch):
     "override, field",
     [
         ({"detector": "yolo"}, "model.detector"),
+        ({"detector": ["faster_rcnn"]}, "model.detector"),
         ({"backbone": "vgg16"}, "model.backbone"),
         ({"pretrained": "coco"}, "model.pretrained"),
         ({"pretrained": "imagenet"}, "model.pretrained"),  # tiny has no ImageNet weights
@@ -430,3 +431,23 @@ def test_retinanet_box_loss_agrees_with_torchvision_for_one_image(loss_type):
     model.head.regression_head._loss_type = loss_type
     reference = model.head.regression_head.compute_loss(targets, outputs, anchors, matched)
     assert torch.allclose(ours["retina_reg"], reference, rtol=1e-5)
+
+
+@pytest.mark.parametrize("detector", ["faster_rcnn", "retinanet"])
+def test_tiny_detector_fits_one_batch(detector):
+    """A few SGD steps on one batch cut the classification loss: guards against heads
+    that cannot learn (e.g. RetinaNet's N(0, 0.01) tower on 32 channels without norm)."""
+    torch.manual_seed(0)
+    model = build_detector(tiny_config(detector))
+    images, targets = make_batch(with_masks=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    cls_key = "retina_cls" if detector == "retinanet" else "roi_cls"
+    history = []
+    for _ in range(30):
+        losses = model(images, targets)
+        history.append(losses[cls_key].item())
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    assert history[-1] < 0.5 * history[0], history

@@ -184,6 +184,10 @@ def resolve_config(user_config: dict) -> dict:
         raise ConfigError("config", f"expected a mapping, got {type(user_config).__name__}.")
     _check_keys(user_config, DEFAULTS.keys(), "")
     config = deep_merge(DEFAULTS, user_config)
+    if isinstance(config["dataset"], dict):
+        from trainers.data.build import resolve_dataset_paths
+
+        config["dataset"] = resolve_dataset_paths(config["dataset"])
     model, optimizer, weighting = config["model"], config["optimizer"], config["weighting"]
     if isinstance(optimizer, dict) and optimizer.get("lr") is None:
         if optimizer.get("type") == "adamw":

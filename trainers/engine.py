@@ -154,6 +154,7 @@ class _Run:
         seed_everything(train_cfg["seed"])
         model = build_detector(model_cfg).to(device)
         self.head = config["weighting"]["head"]
+        model.weighted_head = self.head  # the head whose KPIs the detector reports (DTP)
         self.weighting = build_weighting(config["weighting"])
         self.weighting.to(device)  # learnable weights must live where the optimizer's state will
         params = list(model.parameters()) + list(self.weighting.parameters())

@@ -187,10 +187,10 @@ class BoxRegressionLoss:
         if not isinstance(config, dict):
             raise ConfigError(where, f"expected a mapping like {{type: l1}}, got {config!r}.")
         for key in config:
-            if key not in LOSS_CONFIG_KEYS:
+            if not isinstance(key, str) or key not in LOSS_CONFIG_KEYS:
                 raise choice_error(f"{where}.{key}", key, LOSS_CONFIG_KEYS)
         loss_type = config.get("type", "l1")
-        if loss_type not in REGRESSION_LOSSES:
+        if not isinstance(loss_type, str) or loss_type not in REGRESSION_LOSSES:
             raise choice_error(f"{where}.type", loss_type, REGRESSION_LOSSES)
         beta = _non_negative_number(config.get("beta", 1.0), f"{where}.beta")
         loss_weight = _non_negative_number(config.get("loss_weight", 1.0), f"{where}.loss_weight")

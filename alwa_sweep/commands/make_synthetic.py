@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from alwa_sweep.sweep_paths import check_writable
 from trainers.data.synthetic import MAX_CLASSES, make_synthetic
 
 HELP = "Write a small synthetic detection dataset (real VOC or COCO layout) for tests and demos."
@@ -35,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    check_writable(Path(args.out), "--out")
     paths = make_synthetic(args.out, format=args.format, images=args.images, seed=args.seed,
                            size=args.size, num_classes=args.num_classes)
     print(f"synthetic {args.format} dataset ({args.images} images, "

@@ -35,13 +35,16 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     # Heavy imports here: the CLI imports every command module to build --help.
-    from alwa_sweep.tracking import default_tracking_uri
+    from alwa_sweep.sweep_paths import check_writable
+    from alwa_sweep.tracking import check_tracking_server, default_tracking_uri
     from reports import figures, published, render, runs, tables
 
     if args.metric is not None and not re.fullmatch(r"[A-Za-z0-9_./]+", args.metric):
         raise ConfigError("--metric", f"{args.metric!r} is not a metric name.",
                           "Give the part after val/, e.g. map, ap or ap50.")
-    client = runs.open_client(args.tracking_uri or default_tracking_uri())
+    uri = args.tracking_uri or default_tracking_uri()
+    check_tracking_server(uri)
+    client = runs.open_client(uri)
     trials = runs.load_trials(client, experiment=args.experiment, sweep_run_id=args.sweep)
     source = f"experiment {args.experiment!r}" if args.experiment else f"sweep {args.sweep}"
     if trials.empty:
@@ -53,7 +56,7 @@ def run(args) -> int:
                           f"Metrics found: {', '.join(found) or 'none'}.")
 
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out")
     written = []
     heatmap_source = None
     for number in dict.fromkeys(args.table or range(1, 7)):

@@ -6,9 +6,9 @@ import re
 import time
 from pathlib import Path
 
-from alwa_sweep.spec import load_spec
+from alwa_sweep.spec import check_datasets, load_spec
 from alwa_sweep.sweep_paths import check_address, check_writable, runs_root
-from alwa_sweep.tracking import default_tracking_uri
+from alwa_sweep.tracking import check_tracking_server, default_tracking_uri
 from alwa_sweep.tune import load_sweep_state, print_summary, run_sweep
 from trainers.errors import ConfigError
 
@@ -42,9 +42,12 @@ def run(args) -> int:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError("--max-concurrent", f"must be at least 1, got {args.max_concurrent}.")
     spec = load_spec(args.spec, args.overrides, check_paths=not args.no_check_paths)
+    if not args.no_check_paths:
+        check_datasets(trial.config for trial in spec.trials)
     root = runs_root(args.runs_dir)
     check_writable(root, "--runs-dir")
     tracking_uri = args.tracking_uri or default_tracking_uri(root)
+    check_tracking_server(tracking_uri)
     name = args.name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not re.fullmatch(r"[\w.\-]+", name):
         raise ConfigError("--name", f"{name!r} may only hold letters, digits, '.', '_' and '-'.")

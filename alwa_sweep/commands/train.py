@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from alwa_sweep.progress import ProgressBar
+from alwa_sweep.spec import check_datasets
+from alwa_sweep.sweep_paths import check_writable
 from alwa_sweep.tracking import (TAG_KIND, MlflowTrainingLogger, default_tracking_uri,
                                  get_or_create_experiment, open_store)
 from trainers.config import load_config
@@ -48,6 +50,9 @@ def run(args) -> int:
     if not args.resume and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
         raise ConfigError("--workdir", f"{workdir} already holds checkpoints of an earlier run.",
                           f"Resume it with --resume {workdir / 'checkpoints'}, or pick another --run-name.")
+    # Everything that can be checked is, before the MLflow run exists.
+    check_datasets([config])
+    check_writable(workdir, "--workdir")
     client = open_store(args.tracking_uri or default_tracking_uri())
     experiment_id = get_or_create_experiment(client, args.experiment)
     progress = ProgressBar(run_name)

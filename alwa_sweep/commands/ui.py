@@ -79,7 +79,7 @@ def run(args) -> int:
         if missing:
             raise ConfigError("--basic-auth", f"set {' and '.join(missing)} in the environment first.")
     uri = store_uri(args.store, args.runs_dir)
-    open_store(uri)  # create/migrate once, here, not in the server's workers
+    open_store(uri, "--store")  # create/migrate once, here, not in the server's workers
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"MLflow UI: http://{shown_host}:{args.port}  (store: {uri}; Ctrl-C to stop)", flush=True)
     process = subprocess.Popen(server_command(uri, args.host, args.port, args.basic_auth))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alwa_sweep.spec import load_spec
+from alwa_sweep.spec import check_datasets, load_spec
 
 HELP = "validate a sweep spec: print the expanded trials, their count and the resource-hours"
 
@@ -12,7 +12,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the base config (repeatable)")
     parser.add_argument("--check-paths", action="store_true",
-                        help="also check that dataset folders and files exist here")
+                        help="also read the datasets here (folders, annotations, images)")
 
 
 def trial_table(spec) -> str:
@@ -27,6 +27,8 @@ def trial_table(spec) -> str:
 
 def run(args) -> int:
     spec = load_spec(args.spec, args.overrides, check_paths=args.check_paths)
+    if args.check_paths:
+        check_datasets(trial.config for trial in spec.trials)
     print(f"spec {spec.name!r}: {spec.description}" if spec.description else f"spec {spec.name!r}")
     print(trial_table(spec))
     resources = spec.resources

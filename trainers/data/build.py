@@ -32,6 +32,22 @@ VOC_KEYS = ("root", "train_sets", "test_sets", "class_names", "repeat")
 COCO_KEYS = ("train_ann", "train_images", "val_ann", "val_images")
 COMMON_KEYS = ("kind", "scale", "flip", "num_workers")
 KNOWN_KEYS = COMMON_KEYS + VOC_KEYS + COCO_KEYS
+PATH_KEYS = ("root",) + COCO_KEYS
+
+
+def resolve_dataset_paths(dataset_cfg: dict) -> dict:
+    """A copy with every path made absolute against the current directory.
+
+    Resolved where the config is read (the sweep driver): Ray Tune runs each trial in
+    its own working directory, where a relative ``root: data/VOCdevkit`` that the
+    driver checked would point nowhere.
+    """
+    resolved = dict(dataset_cfg)
+    for key in PATH_KEYS:
+        value = resolved.get(key)
+        if isinstance(value, (str, os.PathLike)) and str(value):
+            resolved[key] = os.path.abspath(os.path.expanduser(value))
+    return resolved
 
 
 def validate_dataset_config(dataset_cfg: dict) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import os
+from functools import partial
 from typing import Callable
 
 from torch import nn
@@ -73,13 +74,14 @@ def validate_model_config(model_cfg: dict, *, check_weights: bool = False) -> di
     cfg = copy.deepcopy(MODEL_DEFAULTS)
     cfg.update({k: v for k, v in model_cfg.items() if v is not None or k == "num_classes"})
 
-    if cfg["detector"] not in DETECTORS:
+    # isinstance first: a list or mapping here would be unhashable in the `in` test.
+    if not isinstance(cfg["detector"], str) or cfg["detector"] not in DETECTORS:
         raise choice_error("model.detector", cfg["detector"], DETECTORS)
-    if cfg["backbone"] not in BACKBONES:
+    if not isinstance(cfg["backbone"], str) or cfg["backbone"] not in BACKBONES:
         raise choice_error("model.backbone", cfg["backbone"], BACKBONES)
     if cfg["pretrained"] in (False, "None"):
         cfg["pretrained"] = "none"
-    if cfg["pretrained"] not in PRETRAINED_CHOICES:
+    if not isinstance(cfg["pretrained"], str) or cfg["pretrained"] not in PRETRAINED_CHOICES:
         raise choice_error("model.pretrained", cfg["pretrained"], PRETRAINED_CHOICES)
     if cfg["backbone"] == "tiny" and cfg["pretrained"] == "imagenet":
         raise ConfigError("model.pretrained", "the tiny backbone has no ImageNet weights.", "Use pretrained: none.")
@@ -100,7 +102,7 @@ def validate_model_config(model_cfg: dict, *, check_weights: bool = False) -> di
         raise ConfigError("model.losses", f"expected a mapping of head → loss, got {losses!r}.")
     allowed = LOSS_KEYS_BY_DETECTOR[cfg["detector"]]
     for head in losses:
-        if head not in allowed:
+        if not isinstance(head, str) or head not in allowed:
             raise ConfigError(
                 f"model.losses.{head}",
                 f"no such regression head in {cfg['detector']}.",
@@ -174,11 +176,18 @@ def build_mask_rcnn(cfg: dict) -> nn.Module:
 
 def build_retinanet(cfg: dict) -> nn.Module:
     backbone = build_backbone(cfg["backbone"], cfg["pretrained"], for_retinanet=True)
+    # The head's four convs start from N(0, 0.01) weights, sized for 256 channels
+    # (mmdetection's and torchvision's head has no norm). On the tiny backbone's 32
+    # channels each conv shrinks activations ~6×, so the tower's output and gradients
+    # vanish and the classifier barely learns: GroupNorm after each conv keeps them
+    # at scale there (torchvision's RetinaNet v2 head does the same).
+    head_norm_layer = partial(nn.GroupNorm, 8) if cfg["backbone"] == "tiny" else None
     return RetinaNetWithHeadLosses(
         backbone,
         cfg["num_classes"] + 1,  # column 0 unused (background), so labels 1..K line up
         anchor_generator(cfg["backbone"], for_retinanet=True),
         cfg["losses"]["retina_reg"],
+        head_norm_layer=head_norm_layer,
         min_size=cfg["min_size"],
         max_size=cfg["max_size"],
         detections_per_img=100,  # mmdetection max_per_img (torchvision: 300)

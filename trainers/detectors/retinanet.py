@@ -44,8 +44,10 @@ FOCAL_GAMMA = 2.0
 class RetinaNetHeadWithHeadLosses(RetinaNetHead):
     """torchvision's RetinaNet head whose loss is ``{retina_cls, retina_reg}``."""
 
-    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, reg_loss: BoxRegressionLoss):
-        super().__init__(in_channels, num_anchors, num_classes)
+    def __init__(
+        self, in_channels: int, num_anchors: int, num_classes: int, reg_loss: BoxRegressionLoss, norm_layer=None
+    ):
+        super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
         self.reg_loss = reg_loss
         self.box_coder = self.regression_head.box_coder
         self.kpis: dict[str, Tensor] = {}
@@ -103,9 +105,12 @@ def _balanced_accuracy(cls_logits: Tensor, labels: Tensor, foreground: Tensor, v
 class RetinaNetWithHeadLosses(RetinaNet):
     """torchvision RetinaNet; train forward → {retina_cls, retina_reg}."""
 
-    def __init__(self, backbone, num_classes: int, anchor_generator, reg_loss: BoxRegressionLoss, **kwargs):
+    def __init__(
+        self, backbone, num_classes: int, anchor_generator, reg_loss: BoxRegressionLoss, head_norm_layer=None, **kwargs
+    ):
         head = RetinaNetHeadWithHeadLosses(
-            backbone.out_channels, anchor_generator.num_anchors_per_location()[0], num_classes, reg_loss
+            backbone.out_channels, anchor_generator.num_anchors_per_location()[0], num_classes, reg_loss,
+            norm_layer=head_norm_layer,
         )
         super().__init__(backbone, num_classes, anchor_generator=anchor_generator, head=head, **kwargs)
         self.weighted_head = "retina"
