@@ -66,8 +66,8 @@ def test_lr_schedule_matches_mmdetection_warmup_and_steps():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("detector", ["faster_rcnn", "retinanet"])
-def test_tiny_detector_learns_with_alwa(synthetic_voc_large, tmp_path, detector):
+@pytest.mark.parametrize("detector, variant", [("faster_rcnn", 1), ("retinanet", 2)])
+def test_tiny_detector_learns_with_alwa(synthetic_voc_large, tmp_path, detector, variant):
     """A few hundred iterations: loss falls, mAP clearly above zero, α and window stats
     logged into a real SQLite MLflow store."""
     uri = sqlite_uri(tmp_path / "mlflow.db")
@@ -78,7 +78,7 @@ def test_tiny_detector_learns_with_alwa(synthetic_voc_large, tmp_path, detector)
     logger.progress = collect
     config = tiny_config(
         synthetic_voc_large, model={"detector": detector},
-        weighting={"method": "alwa", "variant": 1, "interval": 20},
+        weighting={"method": "alwa", "variant": variant, "interval": 20},
         schedule={"max_iters": 240, "steps": [200], "warmup_iters": 50},
         optimizer={"lr": 0.02 if detector == "faster_rcnn" else 0.01},
         train={"batch_size": 4, "log_every": 20, "eval_every": 0})
@@ -100,6 +100,9 @@ def test_tiny_detector_learns_with_alwa(synthetic_voc_large, tmp_path, detector)
     records = [row[f"train/{head}_cls_weighted"] for row in collect.rows[20:40]]
     mean = sum(records) / 20
     assert [m.value for m in window if m.step == 40][0] == pytest.approx(mean, rel=1e-5)
+    std = client.get_metric_history(logger.run_id, "window/cls_std")
+    sample_std = (sum((r - mean) ** 2 for r in records) / 19) ** 0.5
+    assert [m.value for m in std if m.step == 40][0] == pytest.approx(sample_std, rel=1e-4)
     assert client.get_metric_history(logger.run_id, "val/map")[-1].value == pytest.approx(
         result.metrics["val/map"])
 
@@ -184,3 +187,53 @@ def test_evaluation_matches_independent_voc_map(synthetic_voc, tmp_path):
         detections = [model([dataset[i][0]])[0] for i in range(len(dataset))]
     expected = voc_map(detections, dataset.annotations)
     assert result.metrics["val/map"] == pytest.approx(expected["map"], abs=1e-6)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, config: dict, workdir: str, out: str):
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        collect = Collect()
+        result = train(config, workdir=workdir, logger=collect)
+        with open(f"{out}.{rank}", "w") as handle:
+            json.dump({"status": result.status, "metrics": result.metrics, "rows": len(collect.rows),
+                       "finished": collect.finished}, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_run_logs_on_rank0_and_gathers_evaluation(synthetic_voc, tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    from trainers.checkpoint import load_latest_checkpoint
+    from trainers.config import load_config
+    from trainers.data.voc import VOCDetection
+    from trainers.detectors import build_detector
+    from trainers.evaluation import voc_map
+
+    config = tiny_config(synthetic_voc, weighting={"method": "alwa", "variant": 1, "interval": 3},
+                         schedule={"max_iters": 8, "steps": [6], "warmup_iters": 2})
+    out = str(tmp_path / "result")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), config, str(tmp_path / "run"), out), nprocs=2)
+    rank0 = json.loads(open(f"{out}.0").read())
+    rank1 = json.loads(open(f"{out}.1").read())
+    assert rank0["status"] == rank1["status"] == "ok"
+    assert rank0["rows"] == 8 and rank0["finished"][0] == "ok"
+    assert rank1["rows"] == 0 and rank1["finished"] is None  # only rank 0 logs
+    # rank 0's mAP covers the whole test set: both ranks' shards, gathered
+    state, _ = load_latest_checkpoint(tmp_path / "run" / "checkpoints")
+    resolved = load_config(config)
+    dataset = VOCDetection(synthetic_voc["root"], sets=[tuple(s.split("/")) for s in synthetic_voc["test_sets"]])
+    model = build_detector({**resolved["model"], "num_classes": 20, "min_size": 128, "max_size": 128})
+    model.load_state_dict(state["model"])
+    model.eval()
+    with torch.no_grad():
+        detections = [model([dataset[i][0]])[0] for i in range(len(dataset))]
+    assert rank0["metrics"]["val/map"] == pytest.approx(voc_map(detections, dataset.annotations)["map"], abs=1e-6)
