@@ -229,7 +229,8 @@ def load_sweep_state(sweep_dir: Path) -> dict:
     return json.loads((Path(sweep_dir) / "sweep.json").read_text())
 
 
-def print_summary(summary: SweepSummary, out=sys.stdout) -> None:
+def print_summary(summary: SweepSummary, out=None) -> None:
+    out = out or sys.stdout
     print(f"sweep {summary.name}: {len(summary.statuses)} trials: {summary.line()}", file=out)
     print(f"  MLflow: experiment {summary.experiment!r}, parent run {summary.parent_run_id}, "
           f"store {summary.tracking_uri}", file=out)
