@@ -9,8 +9,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from alwa_sweep.tracking import MlflowTrainingLogger, get_or_create_experiment, open_store, sqlite_uri
+from trainers.checkpoint import load_latest_checkpoint
+from trainers.config import load_config
 from trainers.data.synthetic import make_synthetic
+from trainers.data.voc import VOCDetection
+from trainers.detectors import build_detector
 from trainers.engine import TrainingLogger, train
+from trainers.evaluation import voc_map
 from trainers.schedule import StepSchedule
 
 
@@ -38,6 +43,20 @@ class Collect(TrainingLogger):
 
     def finish(self, status, reason, metrics):
         self.finished = (status, reason)
+
+
+def map_of_checkpoint(config: dict, data: dict, checkpoints) -> float:
+    """VOC mAP of the newest checkpoint's model on the test split, computed here,
+    one image at a time, independently of the engine's evaluation."""
+    state, _ = load_latest_checkpoint(checkpoints)
+    resolved = load_config(config)
+    dataset = VOCDetection(data["root"], sets=[tuple(s.split("/")) for s in data["test_sets"]])
+    model = build_detector({**resolved["model"], "num_classes": 20, "min_size": 128, "max_size": 128})
+    model.load_state_dict(state["model"])
+    model.eval()
+    with torch.no_grad():
+        detections = [model([dataset[i][0]])[0] for i in range(len(dataset))]
+    return voc_map(detections, dataset.annotations)["map"]
 
 
 def tiny_config(data: dict, **sections) -> dict:
@@ -169,24 +188,10 @@ def test_overflowing_weighting_ends_run_with_status_overflow(synthetic_voc, tmp_
 
 def test_evaluation_matches_independent_voc_map(synthetic_voc, tmp_path):
     """The engine's per-epoch metric equals voc_map on the model's own detections."""
-    from trainers.checkpoint import load_latest_checkpoint
-    from trainers.config import load_config
-    from trainers.data.voc import VOCDetection
-    from trainers.detectors import build_detector
-    from trainers.evaluation import voc_map
-
     config = tiny_config(synthetic_voc, schedule={"max_iters": 10, "steps": [8]})
     result = train(config, workdir=tmp_path, logger=Collect())
-    state, _ = load_latest_checkpoint(tmp_path / "checkpoints")
-    resolved = load_config(config)
-    dataset = VOCDetection(synthetic_voc["root"], sets=[tuple(s.split("/")) for s in synthetic_voc["test_sets"]])
-    model = build_detector({**resolved["model"], "num_classes": 20, "min_size": 128, "max_size": 128})
-    model.load_state_dict(state["model"])
-    model.eval()
-    with torch.no_grad():
-        detections = [model([dataset[i][0]])[0] for i in range(len(dataset))]
-    expected = voc_map(detections, dataset.annotations)
-    assert result.metrics["val/map"] == pytest.approx(expected["map"], abs=1e-6)
+    assert result.metrics["val/map"] == pytest.approx(
+        map_of_checkpoint(config, synthetic_voc, tmp_path / "checkpoints"), abs=1e-6)
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, config: dict, workdir: str, out: str):
@@ -212,12 +217,6 @@ def test_two_process_gloo_ddp_run_logs_on_rank0_and_gathers_evaluation(synthetic
 
     import torch.multiprocessing as mp
 
-    from trainers.checkpoint import load_latest_checkpoint
-    from trainers.config import load_config
-    from trainers.data.voc import VOCDetection
-    from trainers.detectors import build_detector
-    from trainers.evaluation import voc_map
-
     config = tiny_config(synthetic_voc, weighting={"method": "alwa", "variant": 1, "interval": 3},
                          schedule={"max_iters": 8, "steps": [6], "warmup_iters": 2})
     out = str(tmp_path / "result")
@@ -228,12 +227,5 @@ def test_two_process_gloo_ddp_run_logs_on_rank0_and_gathers_evaluation(synthetic
     assert rank0["rows"] == 8 and rank0["finished"][0] == "ok"
     assert rank1["rows"] == 0 and rank1["finished"] is None  # only rank 0 logs
     # rank 0's mAP covers the whole test set: both ranks' shards, gathered
-    state, _ = load_latest_checkpoint(tmp_path / "run" / "checkpoints")
-    resolved = load_config(config)
-    dataset = VOCDetection(synthetic_voc["root"], sets=[tuple(s.split("/")) for s in synthetic_voc["test_sets"]])
-    model = build_detector({**resolved["model"], "num_classes": 20, "min_size": 128, "max_size": 128})
-    model.load_state_dict(state["model"])
-    model.eval()
-    with torch.no_grad():
-        detections = [model([dataset[i][0]])[0] for i in range(len(dataset))]
-    assert rank0["metrics"]["val/map"] == pytest.approx(voc_map(detections, dataset.annotations)["map"], abs=1e-6)
+    assert rank0["metrics"]["val/map"] == pytest.approx(
+        map_of_checkpoint(config, synthetic_voc, tmp_path / "run" / "checkpoints"), abs=1e-6)

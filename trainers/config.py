@@ -155,7 +155,8 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _check_keys(section: dict, allowed, where: str) -> None:
+def check_keys(section: dict, allowed, where: str) -> None:
+    """Unknown keys in a config section are errors naming the key and the allowed ones."""
     if not isinstance(section, dict):
         raise ConfigError(where, f"expected a mapping, got {type(section).__name__}.")
     for key in section:
@@ -182,7 +183,7 @@ def resolve_config(user_config: dict) -> dict:
     """Defaults merged with the user's config and the dependent fields filled in."""
     if not isinstance(user_config, dict):
         raise ConfigError("config", f"expected a mapping, got {type(user_config).__name__}.")
-    _check_keys(user_config, DEFAULTS.keys(), "")
+    check_keys(user_config, DEFAULTS.keys(), "")
     config = deep_merge(DEFAULTS, user_config)
     if isinstance(config["dataset"], dict):
         from trainers.data.build import resolve_dataset_paths
@@ -215,7 +216,7 @@ def validate_config(config: dict, *, check_paths: bool = True) -> dict:
     if check_paths:
         validate_dataset_config(config["dataset"])
     else:
-        _check_keys(config["dataset"], KNOWN_KEYS, "dataset")
+        check_keys(config["dataset"], KNOWN_KEYS, "dataset")
     validate_model_config(config["model"])
     validate_weighting_config(config["weighting"])
     head = config["weighting"].get("head")
@@ -225,7 +226,7 @@ def validate_config(config: dict, *, check_paths: bool = True) -> dict:
         raise choice_error("weighting.head", head, heads)
 
     optimizer = config["optimizer"]
-    _check_keys(optimizer, DEFAULTS["optimizer"], "optimizer")
+    check_keys(optimizer, DEFAULTS["optimizer"], "optimizer")
     if optimizer["type"] not in OPTIMIZERS:
         raise choice_error("optimizer.type", optimizer["type"], OPTIMIZERS)
     _number(optimizer["lr"], "optimizer.lr", minimum=0, exclusive=True)
@@ -233,7 +234,7 @@ def validate_config(config: dict, *, check_paths: bool = True) -> dict:
     _number(optimizer["weight_decay"], "optimizer.weight_decay", minimum=0)
 
     schedule = config["schedule"]
-    _check_keys(schedule, DEFAULTS["schedule"], "schedule")
+    check_keys(schedule, DEFAULTS["schedule"], "schedule")
     if schedule["unit"] not in SCHEDULE_UNITS:
         raise choice_error("schedule.unit", schedule["unit"], SCHEDULE_UNITS)
     if schedule["unit"] == "epoch":
@@ -257,7 +258,7 @@ def validate_config(config: dict, *, check_paths: bool = True) -> dict:
     _number(schedule["warmup_ratio"], "schedule.warmup_ratio", minimum=0, exclusive=True)
 
     train = config["train"]
-    _check_keys(train, DEFAULTS["train"], "train")
+    check_keys(train, DEFAULTS["train"], "train")
     _number(train["batch_size"], "train.batch_size", minimum=1, integer=True)
     _number(train["eval_batch_size"], "train.eval_batch_size", minimum=1, integer=True)
     _number(train["seed"], "train.seed", minimum=0, integer=True)
@@ -273,7 +274,7 @@ def validate_config(config: dict, *, check_paths: bool = True) -> dict:
     _number(train["eval_max_images"], "train.eval_max_images", minimum=1, integer=True, optional=True)
 
     evaluation = config["evaluation"]
-    _check_keys(evaluation, DEFAULTS["evaluation"], "evaluation")
+    check_keys(evaluation, DEFAULTS["evaluation"], "evaluation")
     if evaluation["method"] not in EVAL_METHODS:
         raise choice_error("evaluation.method", evaluation["method"], EVAL_METHODS)
     _number(evaluation["iou_threshold"], "evaluation.iou_threshold", minimum=0, exclusive=True)
