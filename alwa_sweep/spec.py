@@ -43,9 +43,6 @@ RESOURCE_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker"}
 SCHEDULER_KEYS = {"type", "metric", "mode", "grace_period", "reduction_factor"}
 SCHEDULERS = ("none", "asha")
 ESTIMATE_KEYS = {"hours_per_trial"}
-# Detectors a later version adds: a spec naming one fails with "not available". The
-# Table 3 detectors (issue 10) are implemented now; none is pending.
-PLANNED_DETECTORS: dict[str, str] = {}
 
 
 @dataclass
@@ -215,11 +212,6 @@ def _scheduler(raw) -> dict:
 
 
 def _check_trial_config(config: dict, where: str, check_paths: bool) -> dict:
-    detector = config.get("model", {}).get("detector") if isinstance(config.get("model"), dict) else None
-    if detector in PLANNED_DETECTORS:
-        raise ConfigError(f"{where}: model.detector",
-                          f"{PLANNED_DETECTORS[detector]} ({detector!r}) is not available in this version "
-                          "of alwa-sweep yet.", "It is planned (Table 3 detectors); drop these trials for now.")
     try:
         return validate_config(resolve_config(config), check_paths=check_paths)
     except UserInputError as exc:

@@ -363,7 +363,8 @@ def test_validation_fills_defaults_and_build_needs_num_classes():
     resolved = validate_model_config({"detector": "retinanet", "backbone": "tiny"})
     assert resolved["losses"] == {"retina_reg": BoxRegressionLoss("l1", 1.0, 1.0)}
     assert (resolved["min_size"], resolved["max_size"], resolved["pretrained"]) == (600, 1000, "none")
-    assert set(DETECTORS) == {"faster_rcnn", "retinanet", "mask_rcnn"}
+    assert set(DETECTORS) == {"faster_rcnn", "retinanet", "mask_rcnn", "libra_rcnn", "dynamic_rcnn",
+                              "double_head_rcnn"}
     with pytest.raises(ConfigError, match="model.num_classes"):
         build_detector({"detector": "retinanet", "backbone": "tiny"})
     message = str(pytest.raises(ConfigError, validate_model_config, {"detector": "ssd"}).value)

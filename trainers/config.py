@@ -16,6 +16,7 @@ iterations from ratio 0.001).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,11 @@ def validate_config(config: dict, *, check_paths: bool = True) -> dict:
         validate_dataset_config(config["dataset"])
     else:
         check_keys(config["dataset"], KNOWN_KEYS, "dataset")
-    validate_model_config(config["model"])
+    resolved_model = validate_model_config(config["model"])
+    # Record the regression loss each head really uses (the detector's default when
+    # unset): it becomes an MLflow param that the reports group by.
+    config["model"]["losses"] = {head: dataclasses.asdict(loss)
+                                 for head, loss in resolved_model["losses"].items()}
     validate_weighting_config(config["weighting"])
     head = config["weighting"].get("head")
     detector = config["model"]["detector"]

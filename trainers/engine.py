@@ -71,6 +71,10 @@ class TrainingLogger:
 
     def log_evaluation(self, epoch: int, iteration: int, metrics: dict[str, float]) -> None: ...
 
+    def wait(self) -> None:
+        """Block until everything logged so far is stored (loggers that write in the
+        background); called before each checkpoint file is written."""
+
     def on_checkpoint(self, path: Path, iteration: int, epoch: int) -> None: ...
 
     def finish(self, status: str, reason: str, metrics: dict[str, float]) -> None: ...
@@ -373,6 +377,9 @@ def train(config, *, workdir: str | Path, logger: TrainingLogger | None = None,
     def checkpoint() -> None:
         path = None
         if dist_utils.is_main_process():
+            # The rows a checkpoint covers are stored before its file exists: a run killed
+            # in between and resumed from that file never logs those steps again.
+            logger.wait()
             path = save_checkpoint(run.state_dict(position, evaluations), checkpoint_dir, position.iteration)
             result.checkpoint = path
         rank_logger.on_checkpoint(path, position.iteration, position.epoch)

@@ -229,3 +229,96 @@ def _non_negative_number(value, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ConfigError(where, f"expected a finite number >= 0, got {value!r}.")
     return float(value)
+
+
+# ---------------------------------------------------------------- Table 3 detectors
+# Balanced L1 (Libra R-CNN) has two more hyper-parameters than the losses above, and
+# Dynamic R-CNN changes the smooth L1 beta while training, so both live in their own
+# callables below; ``regression_loss_from_config`` picks the class from ``type``.
+
+BALANCED_L1 = "balanced_l1"
+REGRESSION_LOSS_TYPES = (*REGRESSION_LOSSES, BALANCED_L1)
+
+
+def balanced_l1_loss(
+    pred_deltas: Tensor, target_deltas: Tensor, alpha: float = 0.5, gamma: float = 1.5, beta: float = 1.0
+) -> Tensor:
+    """Balanced L1 (Pang et al., Libra R-CNN, CVPR 2019, Eq. 7-9) summed over the four deltas.
+
+    With x = |pred − target| and b chosen so that α·ln(b + 1) = γ (the gradient is
+    continuous at x = β):
+        x < β:  α/b · (b·x + 1) · ln(b·x/β + 1) − α·x
+        x ≥ β:  γ·x + γ/b − α·β
+    Its gradient α·ln(b·x/β + 1) lifts the small errors of the inliers, whose share of
+    the total gradient is what Libra R-CNN balances. α = 0.5, γ = 1.5, β = 1 are the
+    paper's and mmdetection's settings.
+    """
+    b = math.exp(gamma / alpha) - 1
+    diff = (pred_deltas - target_deltas).abs()
+    inlier = alpha / b * (b * diff + 1) * torch.log(b * diff / beta + 1) - alpha * diff
+    outlier = gamma * diff + gamma / b - alpha * beta
+    return torch.where(diff < beta, inlier, outlier).sum(dim=-1)
+
+
+def smooth_l1_loss_tensor_beta(pred_deltas: Tensor, target_deltas: Tensor, beta: Tensor) -> Tensor:
+    """:func:`smooth_l1_loss` with ``beta`` a (positive) 0-d tensor.
+
+    ``F.smooth_l1_loss`` takes a Python float; Dynamic R-CNN's beta is computed on the
+    device every 100 iterations and reading it back would sync the host each step.
+    """
+    diff = (pred_deltas - target_deltas).abs()
+    return torch.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class BalancedL1RegressionLoss(BoxRegressionLoss):
+    """``{type: balanced_l1, alpha, gamma, beta, loss_weight}``: Libra R-CNN's box loss.
+
+    An L1-family loss (it compares encoded deltas), callable like every
+    :class:`BoxRegressionLoss`.
+    """
+
+    type: str = BALANCED_L1
+    alpha: float = 0.5
+    gamma: float = 1.5
+
+    CONFIG_KEYS = ("type", "alpha", "gamma", "beta", "loss_weight")
+
+    @classmethod
+    def from_config(cls, config: Optional[dict], where: str) -> "BalancedL1RegressionLoss":
+        config = dict(config or {})
+        for key in config:
+            if not isinstance(key, str) or key not in cls.CONFIG_KEYS:
+                raise choice_error(f"{where}.{key}", key, cls.CONFIG_KEYS)
+        alpha = _non_negative_number(config.get("alpha", 0.5), f"{where}.alpha")
+        gamma = _non_negative_number(config.get("gamma", 1.5), f"{where}.gamma")
+        beta = _non_negative_number(config.get("beta", 1.0), f"{where}.beta")
+        for name, value in (("alpha", alpha), ("gamma", gamma), ("beta", beta)):
+            if value == 0:
+                raise ConfigError(f"{where}.{name}", "must be > 0 for balanced_l1.")
+        loss_weight = _non_negative_number(config.get("loss_weight", 1.0), f"{where}.loss_weight")
+        return cls(beta=beta, loss_weight=loss_weight, alpha=alpha, gamma=gamma)
+
+    def __call__(
+        self,
+        pred_deltas: Tensor,
+        reference_boxes: Tensor,
+        target_boxes: Tensor,
+        box_coder,
+        target_deltas: Optional[Tensor] = None,
+        pred_boxes: Optional[Tensor] = None,
+    ) -> Tensor:
+        if target_deltas is None:
+            target_deltas = box_coder.encode_single(target_boxes.float(), reference_boxes.float())
+        per_box = balanced_l1_loss(pred_deltas.float(), target_deltas.float(), self.alpha, self.gamma, self.beta)
+        return self.loss_weight * per_box
+
+
+def regression_loss_from_config(config: Optional[dict], where: str) -> BoxRegressionLoss:
+    """Validate one ``model.losses.<head>`` entry of any type, balanced_l1 included."""
+    loss_type = config.get("type", "l1") if isinstance(config, dict) else None
+    if loss_type == BALANCED_L1:
+        return BalancedL1RegressionLoss.from_config(config, where)
+    if isinstance(loss_type, str) and loss_type not in REGRESSION_LOSSES:
+        raise choice_error(f"{where}.type", loss_type, REGRESSION_LOSS_TYPES)
+    return BoxRegressionLoss.from_config(config, where)

@@ -4,8 +4,10 @@ can act on one head's (cls, reg) pair.
 
 - ``build_detector(model_cfg)`` / ``validate_model_config(model_cfg)`` / ``DETECTORS``:
   trainers/detectors/build.py
-- one file per family: two_stage.py (Faster/Mask R-CNN), retinanet.py; backbones.py
-  (tiny and ResNet-FPN backbones, anchors, cached ImageNet weights)
+- one file per family: two_stage.py (Faster/Mask R-CNN), retinanet.py, and the Table 3
+  detectors built on Faster R-CNN: libra_rcnn.py, dynamic_rcnn.py, double_head_rcnn.py
+  (docs/table3_detectors.md); backbones.py (tiny and ResNet-FPN backbones, anchors,
+  cached ImageNet weights)
 
 Train-mode output keys: two-stage ``rpn_cls``, ``rpn_reg``, ``roi_cls``, ``roi_reg``
 (+ ``mask``); RetinaNet ``retina_cls``, ``retina_reg``. Every model has

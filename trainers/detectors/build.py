@@ -2,7 +2,7 @@
 
 ```yaml
 model:
-  detector: faster_rcnn      # faster_rcnn | retinanet | mask_rcnn
+  detector: faster_rcnn      # faster_rcnn | retinanet | mask_rcnn | libra_rcnn | dynamic_rcnn | double_head_rcnn
   backbone: resnet50         # tiny | resnet50 | resnet101
   pretrained: imagenet       # none | imagenet (read from the torch hub cache, never downloaded)
   num_classes: 20            # object classes without background; models get K+1 outputs
@@ -12,11 +12,17 @@ model:
     rpn_reg: {type: l1}      # two-stage detectors
     roi_reg: {type: l1}      # two-stage detectors
     retina_reg: {type: l1}   # RetinaNet
+  double_head: {...}         # double_head_rcnn only: loss weights (double_head_rcnn.py)
 ```
 Settings of the R50/R101 models follow mmdetection's configs used by the paper
 (sampling 256 anchors at 0.7/0.3 IoU in the RPN, 512 ROIs with 25 % positives,
 1000 proposals per image, 100 detections at score ≥ 0.05 and NMS 0.5). The tiny
 backbone keeps the same layout with smaller heads and anchors.
+
+The Table 3 detectors (libra_rcnn.py, dynamic_rcnn.py, double_head_rcnn.py) are
+Faster R-CNN variants. Their ROI box loss defaults to their mmdetection config's
+(``DEFAULT_LOSSES``); a user's ``model.losses.roi_reg`` is merged over that default
+key by key, so ``{loss_weight: 2}`` keeps the type and ``{type: l1}`` replaces it.
 """
 
 from __future__ import annotations
@@ -38,16 +44,29 @@ from trainers.detectors.backbones import (
     imagenet_weights_path,
     load_imagenet_state_dict,
 )
+from trainers.detectors.double_head_rcnn import DoubleHeadLossWeights, DoubleHeadRCNNWithHeadLosses
+from trainers.detectors.dynamic_rcnn import DynamicRCNNWithHeadLosses
+from trainers.detectors.libra_rcnn import LibraRCNNWithHeadLosses
 from trainers.detectors.retinanet import RetinaNetWithHeadLosses
 from trainers.detectors.two_stage import FasterRCNNWithHeadLosses, MaskRCNNWithHeadLosses
 from trainers.errors import ConfigError, choice_error
-from trainers.losses import BoxRegressionLoss
+from trainers.losses import regression_loss_from_config
 
-MODEL_KEYS = ("detector", "backbone", "pretrained", "num_classes", "min_size", "max_size", "losses")
+MODEL_KEYS = ("detector", "backbone", "pretrained", "num_classes", "min_size", "max_size", "losses", "double_head")
 LOSS_KEYS_BY_DETECTOR = {
     "faster_rcnn": ("rpn_reg", "roi_reg"),
     "mask_rcnn": ("rpn_reg", "roi_reg"),
     "retinanet": ("retina_reg",),
+    "libra_rcnn": ("rpn_reg", "roi_reg"),
+    "dynamic_rcnn": ("rpn_reg", "roi_reg"),
+    "double_head_rcnn": ("rpn_reg", "roi_reg"),
+}
+# The box loss of each detector's mmdetection config where it is not the paper's L1
+# (the RPN keeps L1 everywhere, as in the ALWA release).
+DEFAULT_LOSSES = {
+    "libra_rcnn": {"roi_reg": {"type": "balanced_l1", "alpha": 0.5, "gamma": 1.5, "beta": 1.0}},
+    "dynamic_rcnn": {"roi_reg": {"type": "smooth_l1", "beta": 1.0}},  # the starting beta
+    "double_head_rcnn": {"roi_reg": {"type": "smooth_l1", "beta": 1.0}},
 }
 MODEL_DEFAULTS = {
     "detector": "faster_rcnn",
@@ -108,8 +127,34 @@ def validate_model_config(model_cfg: dict, *, check_weights: bool = False) -> di
                 f"no such regression head in {cfg['detector']}.",
                 f"Allowed keys: {', '.join(allowed)}.",
             )
-    cfg["losses"] = {head: BoxRegressionLoss.from_config(losses.get(head), f"model.losses.{head}") for head in allowed}
+    defaults = DEFAULT_LOSSES.get(cfg["detector"], {})
+    cfg["losses"] = {
+        head: regression_loss_from_config(_over_default(defaults.get(head), losses.get(head)), f"model.losses.{head}")
+        for head in allowed
+    }
+    roi_loss = cfg["losses"].get("roi_reg")
+    if cfg["detector"] == "dynamic_rcnn" and roi_loss.type == "smooth_l1" and roi_loss.beta == 0:
+        raise ConfigError(
+            "model.losses.roi_reg.beta", "is the starting beta Dynamic R-CNN adapts: it must be > 0.",
+            "Use the config's 1.0, or type: l1 for a loss without beta.",
+        )
+
+    if cfg.get("double_head") is not None and cfg["detector"] != "double_head_rcnn":
+        raise ConfigError("model.double_head", f"is a setting of double_head_rcnn, not of {cfg['detector']}.",
+                          "Remove it.")
+    if cfg["detector"] == "double_head_rcnn":
+        cfg["double_head"] = DoubleHeadLossWeights.from_config(cfg.get("double_head"), "model.double_head")
     return cfg
+
+
+def _over_default(default: dict | None, user):
+    """The user's loss settings merged over the detector's default, key by key; a user
+    entry of another type replaces the default (its hyper-parameters would not apply)."""
+    if user is None:
+        return dict(default) if default is not None else None
+    if default is None or not isinstance(user, dict) or user.get("type", default["type"]) != default["type"]:
+        return user  # from_config checks it
+    return {**default, **user}
 
 
 def build_detector(model_cfg: dict) -> nn.Module:
@@ -194,10 +239,54 @@ def build_retinanet(cfg: dict) -> nn.Module:
     )
 
 
+def _table3_settings(cfg: dict) -> tuple[nn.Module, int, dict]:
+    """Backbone, number of outputs and FasterRCNN settings shared by the Table 3 detectors."""
+    backbone = build_backbone(cfg["backbone"], cfg["pretrained"], for_retinanet=False)
+    settings = _two_stage_settings(cfg, with_masks=False)
+    settings.pop("num_classes")
+    num_outputs = cfg["num_classes"] + 1
+    return backbone, num_outputs, settings
+
+
+def build_libra_rcnn(cfg: dict) -> nn.Module:
+    backbone, num_outputs, settings = _table3_settings(cfg)
+    num_classes = None if "box_predictor" in settings else num_outputs
+    return LibraRCNNWithHeadLosses(
+        backbone, num_classes, cfg["losses"]["rpn_reg"], cfg["losses"]["roi_reg"], **settings
+    )
+
+
+def build_dynamic_rcnn(cfg: dict) -> nn.Module:
+    backbone, num_outputs, settings = _table3_settings(cfg)
+    num_classes = None if "box_predictor" in settings else num_outputs
+    return DynamicRCNNWithHeadLosses(
+        backbone, num_classes, cfg["losses"]["rpn_reg"], cfg["losses"]["roi_reg"], **settings
+    )
+
+
+def build_double_head_rcnn(cfg: dict) -> nn.Module:
+    backbone, num_outputs, settings = _table3_settings(cfg)
+    settings.pop("box_head", None)
+    settings.pop("box_predictor", None)
+    if cfg["backbone"] == "tiny":
+        # Narrow and one bottleneck deep (4 in the config): CPU speed, like the tiny Faster R-CNN head.
+        head_size = dict(fc_channels=256, conv_channels=64, num_convs=1, xavier_fc=False)
+    else:
+        head_size = dict(fc_channels=1024, conv_channels=1024, num_convs=4)  # mmdetection's DoubleConvFCBBoxHead
+    weights = cfg.get("double_head") or DoubleHeadLossWeights()
+    return DoubleHeadRCNNWithHeadLosses(
+        backbone, num_outputs, cfg["losses"]["rpn_reg"], cfg["losses"]["roi_reg"],
+        loss_weights=weights, **head_size, **settings,
+    )
+
+
 DETECTORS: dict[str, Callable[[dict], nn.Module]] = {
     "faster_rcnn": build_faster_rcnn,
     "retinanet": build_retinanet,
     "mask_rcnn": build_mask_rcnn,
+    "libra_rcnn": build_libra_rcnn,
+    "dynamic_rcnn": build_dynamic_rcnn,
+    "double_head_rcnn": build_double_head_rcnn,
 }
 
 
