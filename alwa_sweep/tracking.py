@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import socket
 import threading
 import time
@@ -99,11 +100,15 @@ def open_store(uri: str, field: str = "--tracking-uri") -> MlflowClient:
 
 
 def artifact_root(uri: str, experiment: str) -> str | None:
-    """Artifacts of a SQLite store live beside it (not in a cwd-relative ``mlruns``)."""
+    """Artifacts of a SQLite store live beside it (not in a cwd-relative ``mlruns``).
+
+    The experiment name comes from a spec: it names one folder under ``artifacts/``
+    whatever it holds (``../x`` or ``a/b`` cannot reach elsewhere)."""
     db = sqlite_path(uri)
     if db is None:
         return None  # a tracking server decides
-    return (db.parent / "artifacts" / experiment).resolve().as_uri()
+    folder = re.sub(r"[^\w.\-]", "_", experiment).strip(".") or "experiment"
+    return (db.parent / "artifacts" / folder).resolve().as_uri()
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:

@@ -14,6 +14,7 @@ Train V2 documents for Tune; only rank 0 logs to MLflow.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -91,6 +92,9 @@ class TuneReporter(TrainingLogger):
             self.metrics = metrics
         self.inner.log_evaluation(epoch, iteration, metrics)
 
+    def wait(self):
+        self.inner.wait()
+
     def on_checkpoint(self, path, iteration, epoch):
         if path is not None:
             self.inner.on_checkpoint(path, iteration, epoch)
@@ -108,13 +112,31 @@ class TuneReporter(TrainingLogger):
 
 
 def _resume_source(get_checkpoint, workdir: Path):
-    """Where to resume from: the framework's checkpoint, else the trial's own folder."""
+    """Whether to resume from the trial's checkpoint folder (``True``) or start afresh.
+
+    The framework's checkpoint (Tune's copy of the last reported one) is added to that
+    folder when it is missing there (a restart on another node), never over a file
+    already present: the engine then loads the newest checkpoint that passes its
+    digest and falls back to the previous one, with a warning, when that one is
+    truncated or corrupt. A lone copy in a temporary folder had nothing to fall back to.
+    """
     checkpoint = get_checkpoint()
+    own = workdir / "checkpoints"
     if checkpoint is not None:
+        own.mkdir(parents=True, exist_ok=True)
         local = Path(tempfile.mkdtemp(prefix="alwa_restore_"))
-        checkpoint.to_directory(str(local))
-        return local
-    if (workdir / "checkpoints").is_dir():
+        try:
+            checkpoint.to_directory(str(local))
+            for source in sorted(local.iterdir(), key=lambda p: p.suffix == ".pt"):  # digest first
+                target = own / source.name
+                if not target.exists():
+                    partial = target.with_name(target.name + f".restore{os.getpid()}")
+                    shutil.copy2(source, partial)
+                    os.replace(partial, target)  # ranks sharing the folder never see half a file
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        return True
+    if own.is_dir():
         return True
     return None
 
@@ -129,12 +151,7 @@ def _train_with_logging(payload: dict, report, get_checkpoint, device=None, is_m
         inner = MlflowTrainingLogger(client, payload["run_id"])
     reporter = TuneReporter(report, inner)
     resume = _resume_source(get_checkpoint, workdir)
-    try:
-        result = train(payload["config"], workdir=workdir, logger=reporter, resume=resume, device=device)
-    finally:
-        if isinstance(resume, Path):
-            shutil.rmtree(resume, ignore_errors=True)
-    return result
+    return train(payload["config"], workdir=workdir, logger=reporter, resume=resume, device=device)
 
 
 def run_trial(params: dict) -> None:

@@ -210,6 +210,10 @@ def test_driver_killed_then_resumed_runs_every_trial_exactly_once(synthetic_voc,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def one_finished():
+        # The driver creates the store first (sweep.json comes after it): opening the
+        # database before then would race with its schema migration.
+        if not (tmp_path / "runs" / "sweeps" / "killme" / "sweep.json").exists():
+            return False
         try:
             _, children = _children(MlflowClient(uri), "sweep-test")
         except Exception:
