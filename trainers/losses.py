@@ -221,8 +221,12 @@ class BoxRegressionLoss:
         else:
             if target_deltas is None:
                 target_deltas = box_coder.encode_single(target_boxes.float(), reference_boxes.float())
-            per_box = regression_loss(self.type, pred_deltas, target_deltas.float(), beta=self.beta)
+            per_box = self.delta_loss(pred_deltas, target_deltas.float())
         return self.loss_weight * per_box
+
+    def delta_loss(self, pred_deltas: Tensor, target_deltas: Tensor) -> Tensor:
+        """Per-box loss of an L1-family type on encoded deltas (subclasses override)."""
+        return regression_loss(self.type, pred_deltas, target_deltas, beta=self.beta)
 
 
 def _non_negative_number(value, where: str) -> float:
@@ -299,19 +303,8 @@ class BalancedL1RegressionLoss(BoxRegressionLoss):
         loss_weight = _non_negative_number(config.get("loss_weight", 1.0), f"{where}.loss_weight")
         return cls(beta=beta, loss_weight=loss_weight, alpha=alpha, gamma=gamma)
 
-    def __call__(
-        self,
-        pred_deltas: Tensor,
-        reference_boxes: Tensor,
-        target_boxes: Tensor,
-        box_coder,
-        target_deltas: Optional[Tensor] = None,
-        pred_boxes: Optional[Tensor] = None,
-    ) -> Tensor:
-        if target_deltas is None:
-            target_deltas = box_coder.encode_single(target_boxes.float(), reference_boxes.float())
-        per_box = balanced_l1_loss(pred_deltas.float(), target_deltas.float(), self.alpha, self.gamma, self.beta)
-        return self.loss_weight * per_box
+    def delta_loss(self, pred_deltas: Tensor, target_deltas: Tensor) -> Tensor:
+        return balanced_l1_loss(pred_deltas, target_deltas, self.alpha, self.gamma, self.beta)
 
 
 def regression_loss_from_config(config: Optional[dict], where: str) -> BoxRegressionLoss:

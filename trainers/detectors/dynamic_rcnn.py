@@ -31,7 +31,8 @@ fixed settings; the IoU threshold still adapts and beta is still tracked (unused
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -50,29 +51,15 @@ RPN_NMS_THRESH = 0.85
 BETA_EPS = 1e-15
 
 
-class SmoothL1WithCurrentBeta:
+@dataclass(frozen=True)
+class SmoothL1WithCurrentBeta(BoxRegressionLoss):
     """The smooth L1 box loss, its beta read from the Dynamic ROI head at every call."""
 
-    type = "smooth_l1"
-    uses_decoded_boxes = False
+    type: str = "smooth_l1"
+    current_beta: Optional[Callable[[], Tensor]] = None  # → 0-d tensor
 
-    def __init__(self, loss_weight: float, current_beta):
-        self.loss_weight = loss_weight
-        self.current_beta = current_beta  # a callable → 0-d tensor
-
-    def __call__(
-        self,
-        pred_deltas: Tensor,
-        reference_boxes: Tensor,
-        target_boxes: Tensor,
-        box_coder,
-        target_deltas: Optional[Tensor] = None,
-        pred_boxes: Optional[Tensor] = None,
-    ) -> Tensor:
-        if target_deltas is None:
-            target_deltas = box_coder.encode_single(target_boxes.float(), reference_boxes.float())
-        per_box = smooth_l1_loss_tensor_beta(pred_deltas.float(), target_deltas.float(), self.current_beta())
-        return self.loss_weight * per_box
+    def delta_loss(self, pred_deltas: Tensor, target_deltas: Tensor) -> Tensor:
+        return smooth_l1_loss_tensor_beta(pred_deltas, target_deltas, self.current_beta())
 
 
 def median_of_even_or_odd(values: Tensor) -> Tensor:
@@ -107,7 +94,8 @@ class DynamicRoIHeads(RoIHeadsWithHeadLosses):
         if self.adapts_beta:
             if start_beta <= 0:
                 raise ValueError("Dynamic R-CNN adapts the smooth L1 beta: it must start > 0")
-            self.reg_loss = SmoothL1WithCurrentBeta(reg_loss.loss_weight, self.current_beta)
+            self.reg_loss = SmoothL1WithCurrentBeta(loss_weight=reg_loss.loss_weight,
+                                                    current_beta=self.current_beta)
         self.register_buffer("iou_threshold", torch.tensor(float(self.proposal_matcher.high_threshold)))
         self.register_buffer("beta", torch.tensor(float(start_beta)))
         self.register_buffer("iou_history", torch.zeros(update_interval))
