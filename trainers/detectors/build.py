@@ -201,22 +201,19 @@ def _two_stage_settings(cfg: dict, with_masks: bool) -> dict:
     return settings
 
 
-def build_faster_rcnn(cfg: dict) -> nn.Module:
+def _build_two_stage(cfg: dict, model_class, with_masks: bool) -> nn.Module:
     backbone = build_backbone(cfg["backbone"], cfg["pretrained"], for_retinanet=False)
-    settings = _two_stage_settings(cfg, with_masks=False)
+    settings = _two_stage_settings(cfg, with_masks=with_masks)
     num_classes = settings.pop("num_classes")
-    return FasterRCNNWithHeadLosses(
-        backbone, num_classes, cfg["losses"]["rpn_reg"], cfg["losses"]["roi_reg"], **settings
-    )
+    return model_class(backbone, num_classes, cfg["losses"]["rpn_reg"], cfg["losses"]["roi_reg"], **settings)
+
+
+def build_faster_rcnn(cfg: dict) -> nn.Module:
+    return _build_two_stage(cfg, FasterRCNNWithHeadLosses, with_masks=False)
 
 
 def build_mask_rcnn(cfg: dict) -> nn.Module:
-    backbone = build_backbone(cfg["backbone"], cfg["pretrained"], for_retinanet=False)
-    settings = _two_stage_settings(cfg, with_masks=True)
-    num_classes = settings.pop("num_classes")
-    return MaskRCNNWithHeadLosses(
-        backbone, num_classes, cfg["losses"]["rpn_reg"], cfg["losses"]["roi_reg"], **settings
-    )
+    return _build_two_stage(cfg, MaskRCNNWithHeadLosses, with_masks=True)
 
 
 def build_retinanet(cfg: dict) -> nn.Module:
