@@ -1,0 +1,113 @@
+"""The MLflow vocabulary of alwa-sweep: every tag, status, param and metric name.
+
+The writer (``alwa_sweep/tracking.py``, ``alwa_sweep/trial.py``, ``alwa_sweep/tune.py``)
+and every reader (``reports/runs.py``, ``tables.py``, ``figures.py``) import their names
+from here; nothing else spells them. ``docs/tracking_schema.md`` explains them and
+``tests/reports/test_schema_contract.py`` writes a real run through the real logger and
+reads it back into a table.
+
+This module imports nothing heavy: the trainers, the CLI and the reports all use it.
+"""
+
+from __future__ import annotations
+
+# ---- tags -------------------------------------------------------------------------------
+TAG_KIND = "alwa.kind"  # one of KINDS
+TAG_STATUS = "alwa.status"  # one of STATUSES
+TAG_REASON = "alwa.status_reason"  # why a run is not ok (one line)
+TAG_TRIAL_KEY = "alwa.trial_key"  # deterministic key of a trial's overrides
+TAG_SWEEP = "alwa.sweep_name"
+TAG_SUMMARY = "alwa.summary"  # on a sweep's run: "ok=5 nan=1"
+TAG_CHECKPOINT = "alwa.checkpoint"  # the last checkpoint file of a trial
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
+TAG_NOTE = "mlflow.note.content"  # MLflow's run description
+
+KIND_SWEEP, KIND_TRIAL, KIND_TRAIN = "sweep", "trial", "train"
+KINDS = (KIND_SWEEP, KIND_TRIAL, KIND_TRAIN)
+TRIAL_KINDS = (KIND_TRIAL, KIND_TRAIN)  # runs that train (a lone `train` run has no parent)
+
+# ---- statuses ---------------------------------------------------------------------------
+STATUS_PENDING = "pending"  # a trial's run exists, training has not started
+STATUS_RUNNING = "running"
+STATUS_OK = "ok"
+STATUS_NAN = "nan"  # a non-finite loss
+STATUS_OVERFLOW = "overflow"  # a weighting method produced a non-finite weight (DWA)
+STATUS_STOPPED = "stopped"  # stopped early by a scheduler (ASHA) or by the user
+STATUS_ERROR = "error"  # anything else
+FINAL_STATUSES = (STATUS_OK, STATUS_NAN, STATUS_OVERFLOW, STATUS_STOPPED, STATUS_ERROR)
+# Outcomes that training the same config again would only repeat (a sweep skips them).
+DONE_STATUSES = (STATUS_OK, STATUS_NAN, STATUS_OVERFLOW, STATUS_STOPPED)
+# Outcomes a sweep may expect (Table 4's nan/overflow cells): they do not fail it.
+EXPECTED_STATUSES = DONE_STATUSES
+
+# ---- params: the flattened resolved training config, dotted (``trainers.config``) -------
+PARAM_DETECTOR = "model.detector"
+PARAM_BACKBONE = "model.backbone"
+PARAM_DATASET_KIND = "dataset.kind"
+PARAM_METHOD = "weighting.method"
+PARAM_HEAD = "weighting.head"
+PARAM_SEED = "train.seed"
+PARAM_OPTIMIZER = "optimizer.type"
+
+
+def param_loss_type(head: str) -> str:
+    """The regression-loss param of one head: ``model.losses.roi_reg.type``."""
+    return f"model.losses.{head}.type"
+
+
+def param_weighting(name: str) -> str:
+    """A weighting hyper-parameter: ``weighting.interval``, ``weighting.cls``…"""
+    return f"weighting.{name}"
+
+
+# ---- metrics ----------------------------------------------------------------------------
+# Per training step (step = global iteration, from 1).
+METRIC_LOSS = "train/loss"
+METRIC_LR = "lr"
+METRIC_ALPHA = "weight/alpha"
+WINDOW_STATS = ("cls_mean", "cls_std", "reg_mean", "reg_std")
+
+
+def metric_train(loss_key: str) -> str:
+    """A raw head loss: ``train/rpn_cls``."""
+    return f"train/{loss_key}"
+
+
+def metric_weighted(head: str, part: str) -> str:
+    """The weighted loss of the weighted head: ``train/rpn_cls_weighted``."""
+    return f"train/{head}_{part}_weighted"
+
+
+def metric_weight(name: str) -> str:
+    """A multiplier applied by the weighting method: ``weight/cls``, ``weight/alpha``."""
+    return f"weight/{name}"
+
+
+def metric_window(stat: str) -> str:
+    """ALWA's window statistic at an update: ``window/cls_mean``."""
+    return f"window/{stat}"
+
+
+# Per evaluation (step = epoch, from 1). VOC: map and ap/<class>; COCO: ap, ap50, …
+VAL_PREFIX = "val/"
+METRIC_MAP = "val/map"
+METRIC_AP = "val/ap"
+MAIN_METRICS = (METRIC_MAP, METRIC_AP)  # the headline number, VOC then COCO
+
+
+def metric_val(name: str) -> str:
+    """An evaluation metric: ``map`` → ``val/map``; ``ap/cat`` → ``val/ap/cat``."""
+    return f"{VAL_PREFIX}{name}"
+
+
+def main_metric(metrics: dict) -> float | None:
+    """The headline number of a run's metrics (VOC mAP, else COCO AP), or None."""
+    for name in MAIN_METRICS:
+        if name in metrics:
+            return metrics[name]
+    return None
+
+
+# ---- artifacts --------------------------------------------------------------------------
+ARTIFACT_CONFIG = "config.yaml"  # a trial's resolved config
+ARTIFACT_SPEC = "spec.yaml"  # a sweep's spec as run
