@@ -1,4 +1,4 @@
-"""Sweep specs: YAML → validated spec → the list of trials.
+"""Sweep specs: YAML → validated :class:`Spec` → the list of trials, each a resolved config.
 
 A spec is a base training config (``trainers/config.py``) plus grid axes, in the spirit
 of mmdetection's config diffs but readable in one screen::
@@ -17,10 +17,14 @@ of mmdetection's config diffs but readable in one screen::
     scheduler: {type: none}           # or {type: asha, grace_period: 2, reduction_factor: 2}
     max_concurrent: null
     max_failures: 2                   # retries of a killed trial, from its last checkpoint
+    max_trials: 1000                  # a guard against a grid larger than meant
     estimate: {hours_per_trial: 6.0}  # for `validate`'s resource-hours
 
-Every trial is the base config with its overrides applied; trials are identified by a
-deterministic key (a hash of the overrides), which maps a trial to its MLflow run.
+Every trial is the base config with its overrides applied, parsed once here into a
+:class:`~trainers.config.TrainingConfig` (the object the trial trains from). Trials are
+identified by a deterministic key (a hash of the overrides), which maps a trial to its
+MLflow run. Every problem of a spec — its own fields and every trial's config — is
+reported together.
 """
 
 from __future__ import annotations
@@ -29,28 +33,93 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional, Union
 
-from trainers.config import DEFAULTS, apply_overrides, check_keys, load_yaml, resolve_config, validate_config
-from trainers.data.build import build_datasets, resolve_dataset_paths
-from trainers.errors import ConfigError, UserInputError
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-SPEC_KEYS = {"name", "description", "experiment", "base", "grid", "seeds", "resources", "scheduler",
-             "max_concurrent", "max_failures", "estimate"}
-RESOURCE_KEYS = {"workers", "cpus_per_worker", "gpus_per_worker"}
-SCHEDULER_KEYS = {"type", "metric", "mode", "grace_period", "reduction_factor"}
-SCHEDULERS = ("none", "asha")
-ESTIMATE_KEYS = {"hours_per_trial"}
+from trainers.config import (SECTIONS, Section, TrainingConfig, apply_overrides, check_keys,
+                             errors_from_validation, parse_config, parse_override, set_dotted)
+from trainers.errors import ConfigError, ConfigErrors, UserInputError
+
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
+PATH_KEYS = ("root", "train_ann", "train_images", "val_ann", "val_images")
+MAX_REPORTED_PROBLEMS = 20
+
+
+class Resources(Section):
+    """Per trial: DDP workers and what each one reserves."""
+
+    workers: int = Field(1, ge=1, le=1024, description="DDP workers (processes) per trial")
+    cpus_per_worker: float = Field(1, ge=0, le=1024)
+    gpus_per_worker: float = Field(0, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Resources":
+        if self.cpus_per_worker == 0 and self.gpus_per_worker == 0:
+            raise ConfigError("resources", "a trial needs some CPU or GPU.", "Set cpus_per_worker > 0.")
+        if self.workers > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ConfigError("resources.gpus_per_worker", "fractional GPUs are for single-worker trials.",
+                              "Use whole GPUs per worker for multi-worker (DDP) trials.")
+        return self
+
+
+class Scheduler(Section):
+    type: Literal["none", "asha"] = "none"
+    metric: Optional[str] = Field(None, description="default: val/map (VOC) or val/ap (COCO)")
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(1, ge=1, le=10_000, description="epochs before ASHA may stop a trial")
+    reduction_factor: float = Field(3, gt=1, le=100)
+
+
+class Estimate(Section):
+    hours_per_trial: Optional[float] = Field(None, gt=0, le=100_000)
+
+
+class SpecFile(Section):
+    """The top level of a spec file; ``base`` is checked as every trial's config."""
+
+    name: Optional[str] = Field(None, pattern=NAME_PATTERN)
+    description: str = ""
+    experiment: Optional[str] = Field(None, min_length=1, max_length=250)
+    base: dict[str, Any]
+    grid: Union[dict[str, list[Any]], list[dict[str, list[Any]]]]
+    seeds: Optional[list[int]] = Field(None, min_length=1, max_length=1000)
+    resources: Resources = Field(default_factory=Resources)
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    max_concurrent: Optional[int] = Field(None, ge=1, le=100_000)
+    max_failures: int = Field(2, ge=0, le=100)
+    max_trials: int = Field(1000, ge=1, le=1_000_000, description="refuse a grid with more trials")
+    estimate: Estimate = Field(default_factory=Estimate)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds):
+        from trainers.config import MAX_SEED
+
+        if seeds is not None and any(not 0 <= s <= MAX_SEED for s in seeds):
+            raise ValueError(f"seeds must be integers in [0, {MAX_SEED}]")
+        return seeds
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, name):
+        if name is not None and not name.strip():
+            raise ValueError("the experiment name is blank")
+        return name
+
+
+SPEC_KEYS = tuple(SpecFile.model_fields)
 
 
 @dataclass
 class Trial:
     key: str  # deterministic: hash of the overrides
     name: str  # readable: the overrides in short
-    overrides: dict  # dotted key → value
-    config: dict  # resolved, validated training config
+    overrides: dict  # axis → value
+    config: TrainingConfig  # resolved and validated, once
 
 
 @dataclass
@@ -60,24 +129,26 @@ class Spec:
     experiment: str
     base: dict
     trials: list[Trial]
-    resources: dict
-    scheduler: dict
+    resources: Resources
+    scheduler: Scheduler
     max_concurrent: int | None
     max_failures: int
-    estimate: dict
-    raw: dict = field(repr=False, default_factory=dict)
+    estimate: Estimate
+    raw: dict = field(repr=False, default_factory=dict)  # the spec as run (--set applied)
 
     @property
     def uses_gpus(self) -> bool:
-        return self.resources["gpus_per_worker"] > 0
+        return self.resources.gpus_per_worker > 0
 
     def resource_hours(self) -> float | None:
-        hours = self.estimate.get("hours_per_trial")
+        hours = self.estimate.hours_per_trial
         if hours is None:
             return None
-        per_worker = self.resources["gpus_per_worker"] if self.uses_gpus else self.resources["cpus_per_worker"]
-        return len(self.trials) * self.resources["workers"] * per_worker * hours
+        per_worker = self.resources.gpus_per_worker if self.uses_gpus else self.resources.cpus_per_worker
+        return len(self.trials) * self.resources.workers * per_worker * hours
 
+
+# ---- names and keys ----------------------------------------------------------------------
 
 def _short(key: str) -> str:
     return key.split(".")[-1]
@@ -106,6 +177,8 @@ def trial_key(overrides: dict) -> str:
     return hashlib.sha1(canonical.encode()).hexdigest()[:12]
 
 
+# ---- the grid ------------------------------------------------------------------------------
+
 def _flatten_override(key: str, value: Any) -> dict:
     """A mapping value merges into the section ``key`` (dotted keys inside allowed)."""
     if isinstance(value, dict):
@@ -120,20 +193,27 @@ def _axis_overrides(axis: str, value: Any) -> dict:
     """Dotted-key overrides of one axis value. An axis named after a config field merges
     its value there; any other name (``setting``, ``method``) is a named axis whose
     values are mappings of dotted keys applied to the whole config."""
-    if axis.split(".")[0] in DEFAULTS:
+    if axis.split(".")[0] in SECTIONS:
         return _flatten_override(axis, value)
     if not isinstance(value, dict):
         raise ConfigError(f"grid.{axis}", f"{axis!r} is not a config field, so its values must be mappings "
-                          f"of config fields; got {value!r}.",
+                          f"of config fields; got {value!r:.80}.",
                           f"Name the field (e.g. weighting.method), or write values like {{weighting.method: alwa}}; "
-                          f"config sections are {', '.join(DEFAULTS)}.")
+                          f"config sections are {', '.join(SECTIONS)}.")
     flat = {}
     for key, sub_value in value.items():
-        if key.split(".")[0] not in DEFAULTS:
+        if str(key).split(".")[0] not in SECTIONS:
             raise ConfigError(f"grid.{axis}.{key}", "unknown config field.",
-                              f"Fields start with one of: {', '.join(DEFAULTS)}.")
+                              f"Fields start with one of: {', '.join(SECTIONS)}.")
         flat.update(_flatten_override(key, sub_value))
     return flat
+
+
+def grid_size(grid, seeds=None) -> int:
+    """How many grid points (before duplicates are dropped), without expanding them."""
+    blocks = grid if isinstance(grid, list) else [grid]
+    points = sum(math.prod(len(values) for values in block.values()) for block in blocks if block)
+    return points * (len(seeds) if seeds and (len(seeds) > 1 or seeds != [0]) else 1)
 
 
 def expand_grid(grid, seeds=None) -> list[dict]:
@@ -145,22 +225,19 @@ def expand_grid(grid, seeds=None) -> list[dict]:
     combos: list[dict] = []
     for index, block in enumerate(blocks):
         where = f"grid[{index}]" if isinstance(grid, list) else "grid"
-        if not isinstance(block, dict) or not block:
+        if not block:
             raise ConfigError(where, "must be a non-empty mapping of axis → list of values.",
                               "Example: {weighting.method: [none, alwa]}")
         axes = []
         for axis, values in block.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"{where}.{axis}", f"expected a non-empty list of values, got {values!r}.",
-                                  "Write the values as a YAML list, e.g. [1, 2].")
+            if not values:
+                raise ConfigError(f"{where}.{axis}", "is an empty list of values.",
+                                  "Give at least one value, e.g. [1, 2].")
             axes.append([(axis, value) for value in values])
         for choice in itertools.product(*axes):
             combos.append({axis: value for axis, value in choice})
-    if seeds is not None:
-        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-            raise ConfigError("seeds", f"expected a non-empty list of non-negative integers, got {seeds!r}.")
-        if len(seeds) > 1 or seeds != [0]:
-            combos = [{**combo, "train.seed": seed} for combo in combos for seed in seeds]
+    if seeds is not None and (len(seeds) > 1 or seeds != [0]):
+        combos = [{**combo, "train.seed": seed} for combo in combos for seed in seeds]
     unique, seen = [], set()
     for combo in combos:
         key = trial_key(combo)
@@ -170,114 +247,149 @@ def expand_grid(grid, seeds=None) -> list[dict]:
     return unique
 
 
-def _positive_int(value, where, *, optional=False):
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(where, f"expected a positive integer, got {value!r}.")
+# ---- loading -------------------------------------------------------------------------------
+
+def apply_spec_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """``--set`` on a spec: keys of a config section (``optimizer.lr``) go to ``base``,
+    spec keys (``resources.workers``, ``seeds``) to the spec itself."""
+    raw = copy.deepcopy(raw)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        head = key.split(".")[0]
+        if head in SECTIONS:
+            base = raw.setdefault("base", {})
+            if not isinstance(base, dict):
+                raise ConfigError("base", "expected a mapping (a training config).")
+            set_dotted(base, key, value)
+        elif head in SPEC_KEYS:
+            set_dotted(raw, key, value)
+        else:
+            raise ConfigError(f"--set {key}", "is neither a config field nor a spec key.",
+                              f"Config sections: {', '.join(SECTIONS)}; spec keys: {', '.join(SPEC_KEYS)}.")
+    return raw
 
 
-def _resources(raw) -> dict:
-    resources = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
-    if raw is not None:
-        check_keys(raw, RESOURCE_KEYS, "resources")
-        resources.update(raw)
-    _positive_int(resources["workers"], "resources.workers")
-    for key in ("cpus_per_worker", "gpus_per_worker"):
-        value = resources[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"resources.{key}", f"expected a non-negative number, got {value!r}.")
-    if resources["cpus_per_worker"] == 0 and resources["gpus_per_worker"] == 0:
-        raise ConfigError("resources", "a trial needs some CPU or GPU.", "Set cpus_per_worker > 0.")
-    if resources["workers"] > 1 and 0 < resources["gpus_per_worker"] < 1:
-        raise ConfigError("resources.gpus_per_worker", "fractional GPUs are for single-worker trials.",
-                          "Use whole GPUs per worker for multi-worker (DDP) trials.")
-    return resources
+def _absolute_dataset_paths(base: dict) -> dict:
+    """Dataset paths made absolute here: ``spec.yaml`` in the sweep folder keeps them
+    for ``resume``, whatever directory that runs from."""
+    dataset = base.get("dataset")
+    if not isinstance(dataset, dict):
+        return base
+    import os
 
-
-def _scheduler(raw) -> dict:
-    scheduler = {"type": "none", "metric": None, "mode": "max", "grace_period": 1, "reduction_factor": 3}
-    if raw is not None:
-        check_keys(raw, SCHEDULER_KEYS, "scheduler")
-        scheduler.update(raw)
-    if scheduler["type"] not in SCHEDULERS:
-        raise ConfigError("scheduler.type", f"unknown value {scheduler['type']!r}.",
-                          f"Allowed values: {', '.join(SCHEDULERS)}.")
-    if scheduler["mode"] not in ("max", "min"):
-        raise ConfigError("scheduler.mode", f"unknown value {scheduler['mode']!r}.", "Allowed values: max, min.")
-    _positive_int(scheduler["grace_period"], "scheduler.grace_period")
-    if not isinstance(scheduler["reduction_factor"], (int, float)) or scheduler["reduction_factor"] <= 1:
-        raise ConfigError("scheduler.reduction_factor", f"must be > 1, got {scheduler['reduction_factor']!r}.")
-    return scheduler
-
-
-def _check_trial_config(config: dict, where: str, check_paths: bool) -> dict:
-    try:
-        return validate_config(resolve_config(config), check_paths=check_paths)
-    except UserInputError as exc:
-        raise type(exc)(f"{where}: {exc.where}", exc.problem, exc.hint) from None
+    resolved = dict(dataset)
+    for key in PATH_KEYS:
+        value = resolved.get(key)
+        if isinstance(value, str) and value.strip() and "\x00" not in value:
+            resolved[key] = os.path.abspath(os.path.expanduser(value))
+    return {**base, "dataset": resolved}
 
 
 def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool = True) -> Spec:
     """Read and validate a spec (a YAML path or a dict); ``overrides`` are ``--set``
-    strings applied to the base config. Every trial's config is validated."""
+    strings. Every trial's config is parsed; every problem found is reported at once.
+    ``check_paths`` also checks that dataset paths exist on this machine."""
+    from trainers.yamlio import load_yaml
+
     raw = load_yaml(source) if isinstance(source, (str, Path)) else copy.deepcopy(source)
     check_keys(raw, SPEC_KEYS, "")
-    for required in ("base", "grid"):
-        if required not in raw:
-            raise ConfigError(required, "is missing.", "A spec needs a base config and a grid of axes.")
-    default_name = Path(source).stem if isinstance(source, (str, Path)) else "sweep"
-    name = raw.get("name", default_name)
-    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ConfigError("name", f"{name!r} may only hold letters, digits, '.', '_' and '-'.")
-    if not isinstance(raw["base"], dict):
-        raise ConfigError("base", "expected a mapping (a training config).")
-    base = apply_overrides(raw["base"], overrides)
-    if isinstance(base.get("dataset"), dict):
-        # Absolute from here on: spec.yaml in the sweep folder keeps them for `resume`,
-        # whatever directory that runs from.
-        base["dataset"] = resolve_dataset_paths(base["dataset"])
-    trials, seen_configs = [], set()
-    for combo in expand_grid(raw["grid"], raw.get("seeds")):
-        flat = {}
-        for axis, value in combo.items():
-            flat.update(_axis_overrides(axis, value))
+    raw = apply_spec_overrides(raw, overrides)
+    try:
+        top = SpecFile.model_validate(raw)
+    except ValidationError as exc:
+        raise errors_from_validation(exc, SpecFile) from None
+    size = grid_size(top.grid, top.seeds)
+    if size > top.max_trials:
+        raise ConfigError("grid", f"expands to {size:,} trials, more than max_trials = {top.max_trials:,}.",
+                          "Narrow the grid, or raise max_trials in the spec if you mean it.")
+    name = top.name or (Path(source).stem if isinstance(source, (str, Path)) else "sweep")
+    base = _absolute_dataset_paths(top.base)
+    raw = {**raw, "base": base}
+    trials, problems, seen_configs = [], [], set()
+    for combo in expand_grid(top.grid, top.seeds):
         label = trial_name(combo)
-        config = _check_trial_config(apply_overrides(base, flat), f"trial {label}", check_paths)
-        canonical = json.dumps(config, sort_keys=True, default=str)
+        try:
+            flat = {}
+            for axis, value in combo.items():
+                flat.update(_axis_overrides(axis, value))
+            config = parse_config(apply_overrides(base, flat))
+            if check_paths:
+                check_dataset_paths(config)
+        except ConfigErrors as exc:
+            problems.extend((label, error) for error in exc.errors)
+            continue
+        except UserInputError as exc:
+            problems.append((label, exc))
+            continue
+        canonical = json.dumps(config.dump(), sort_keys=True)
         if canonical in seen_configs:  # two grid points that describe the same training
             continue
         seen_configs.add(canonical)
         trials.append(Trial(key=trial_key(combo), name=label, overrides=combo, config=config))
-    max_concurrent = raw.get("max_concurrent")
-    _positive_int(max_concurrent, "max_concurrent", optional=True)
-    max_failures = raw.get("max_failures", 2)
-    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
-        raise ConfigError("max_failures", f"expected a non-negative integer, got {max_failures!r}.")
-    estimate = raw.get("estimate") or {}
-    check_keys(estimate, ESTIMATE_KEYS, "estimate")
-    hours = estimate.get("hours_per_trial")
-    if hours is not None and (isinstance(hours, bool) or not isinstance(hours, (int, float)) or hours <= 0):
-        raise ConfigError("estimate.hours_per_trial", f"expected a positive number, got {hours!r}.")
-    experiment = raw.get("experiment", f"alwa-{name}")
-    if not isinstance(experiment, str) or not experiment.strip():
-        raise ConfigError("experiment", f"expected a non-empty name, got {experiment!r}.")
-    return Spec(name=name, description=str(raw.get("description", "")).strip(), experiment=experiment,
-                base=base, trials=trials, resources=_resources(raw.get("resources")),
-                scheduler=_scheduler(raw.get("scheduler")), max_concurrent=max_concurrent,
-                max_failures=max_failures, estimate=estimate, raw=raw)
+    if problems:
+        raise _grouped(problems, len(trials) + len({label for label, _ in problems}))
+    experiment = top.experiment or f"alwa-{name}"
+    return Spec(name=name, description=top.description.strip(), experiment=experiment, base=base,
+                trials=trials, resources=top.resources, scheduler=top.scheduler,
+                max_concurrent=top.max_concurrent, max_failures=top.max_failures, estimate=top.estimate,
+                raw=raw)
+
+
+def _grouped(problems: list[tuple[str, UserInputError]], total: int) -> UserInputError:
+    """The trials' problems, each told once with the trials it concerns."""
+    groups: dict[str, tuple[UserInputError, list[str]]] = {}
+    for label, error in problems:
+        groups.setdefault(str(error), (error, []))[1].append(label)
+    errors = []
+    for error, labels in groups.values():
+        if len(labels) == total and total > 1:
+            scope = "every trial"
+        else:
+            scope = "trial " + ", ".join(labels[:3]) + (f" (+{len(labels) - 3} more)" if len(labels) > 3 else "")
+        errors.append(type(error)(f"{scope}: {error.where}", error.problem, error.hint))
+    errors = errors[:MAX_REPORTED_PROBLEMS]
+    return errors[0] if len(errors) == 1 else ConfigErrors(errors)
+
+
+def check_dataset_paths(config: TrainingConfig) -> None:
+    """The dataset's folders and split/annotation files exist (nothing is read)."""
+    from trainers.data.build import validate_dataset_config
+
+    validate_dataset_config(config.dataset.model_dump())
 
 
 def check_datasets(configs) -> int:
     """Read each distinct dataset of these training configs as training will (every
     annotation parsed, every image folder listed), so that a malformed XML or JSON, an
     unknown class or a missing image fails before any run or trial exists instead of
-    inside every trial. Returns the number of distinct datasets read."""
-    seen = set()
+    inside every trial. Also checks that ``model.num_classes``, where set, matches the
+    dataset. Returns the number of distinct datasets read."""
+    from trainers.data.build import build_datasets
+
+    seen: dict[str, int] = {}
     for config in configs:
-        with_masks = config["model"]["detector"] == "mask_rcnn"
-        key = json.dumps([config["dataset"], with_masks], sort_keys=True, default=str)
+        with_masks = config.model.detector == "mask_rcnn"
+        key = json.dumps([config.dataset.model_dump(), with_masks], sort_keys=True)
         if key not in seen:
-            seen.add(key)
-            build_datasets({**config["dataset"], "flip": 0.0}, with_masks=with_masks)
+            train_set, _ = build_datasets({**config.dataset.model_dump(), "flip": 0.0}, with_masks=with_masks)
+            seen[key] = len(train_set.class_names)
+        classes = seen[key]
+        if config.model.num_classes is not None and config.model.num_classes != classes:
+            raise ConfigError("model.num_classes", f"is {config.model.num_classes}, but the dataset has "
+                              f"{classes} classes.", "Leave it out (it defaults to the dataset's) or fix it.")
     return len(seen)
+
+
+def spec_json_schema() -> dict:
+    """A JSON Schema of spec files (``alwa-sweep schema``): editors complete and check YAML."""
+    schema = SpecFile.model_json_schema()
+    config_schema = TrainingConfig.model_json_schema()
+    definitions = {**schema.pop("$defs", {}), **config_schema.pop("$defs", {})}
+    config_schema.pop("required", None)
+    config_schema["title"] = "Base training config"
+    schema["properties"]["base"] = config_schema
+    schema["$defs"] = definitions
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "alwa-sweep spec"
+    return schema
+

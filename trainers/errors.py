@@ -34,3 +34,16 @@ def choice_error(field: str, value, allowed) -> ConfigError:
     """The error for a value outside a fixed set, listing the allowed values."""
     allowed_list = ", ".join(sorted(str(a) for a in allowed))
     return ConfigError(field, f"unknown value {value!r}.", f"Allowed values: {allowed_list}.")
+
+
+class ConfigErrors(ConfigError):
+    """Several problems of one config or spec, reported together (one paragraph each)."""
+
+    def __init__(self, errors: list[UserInputError]):
+        self.errors = list(errors)
+        first = self.errors[0]
+        super().__init__(first.where, first.problem, first.hint)
+        self.args = (f"{len(self.errors)} problems:\n" + "\n".join(f"- {e}" for e in self.errors),)
+
+    def __str__(self) -> str:
+        return self.args[0]

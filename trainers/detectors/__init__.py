@@ -2,7 +2,7 @@
 forward returns the raw (unweighted) loss of every head, so a loss-weighting method
 can act on one head's (cls, reg) pair.
 
-- ``build_detector(model_cfg)`` / ``validate_model_config(model_cfg)`` / ``DETECTORS``:
+- ``build_detector(model)`` (a ``trainers.config.ModelConfig``) / ``DETECTORS``:
   trainers/detectors/build.py
 - one file per family: two_stage.py (Faster/Mask R-CNN), retinanet.py, and the Table 3
   detectors built on Faster R-CNN: libra_rcnn.py, dynamic_rcnn.py, double_head_rcnn.py
@@ -15,6 +15,6 @@ Train-mode output keys: two-stage ``rpn_cls``, ``rpn_reg``, ``roi_cls``, ``roi_r
 ``kpis`` = {"cls_acc", "reg_iou"} (detached scalars) for that head.
 """
 
-from trainers.detectors.build import DETECTORS, build_detector, validate_model_config
+from trainers.detectors.build import DETECTORS, build_detector
 
-__all__ = ["DETECTORS", "build_detector", "validate_model_config"]
+__all__ = ["DETECTORS", "build_detector"]

@@ -27,18 +27,17 @@ key by key, so ``{loss_weight: 2}`` keeps the type and ``{type: l1}`` replaces i
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import os
 from functools import partial
 from typing import Callable
 
+from pydantic import ValidationError
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
 from trainers.detectors.backbones import (
-    BACKBONES,
-    PRETRAINED_CHOICES,
     anchor_generator,
     build_backbone,
     imagenet_weights_path,
@@ -49,10 +48,9 @@ from trainers.detectors.dynamic_rcnn import DynamicRCNNWithHeadLosses
 from trainers.detectors.libra_rcnn import LibraRCNNWithHeadLosses
 from trainers.detectors.retinanet import RetinaNetWithHeadLosses
 from trainers.detectors.two_stage import FasterRCNNWithHeadLosses, MaskRCNNWithHeadLosses
-from trainers.errors import ConfigError, choice_error
+from trainers.errors import ConfigError
 from trainers.losses import regression_loss_from_config
 
-MODEL_KEYS = ("detector", "backbone", "pretrained", "num_classes", "min_size", "max_size", "losses", "double_head")
 LOSS_KEYS_BY_DETECTOR = {
     "faster_rcnn": ("rpn_reg", "roi_reg"),
     "mask_rcnn": ("rpn_reg", "roi_reg"),
@@ -68,83 +66,34 @@ DEFAULT_LOSSES = {
     "dynamic_rcnn": {"roi_reg": {"type": "smooth_l1", "beta": 1.0}},  # the starting beta
     "double_head_rcnn": {"roi_reg": {"type": "smooth_l1", "beta": 1.0}},
 }
-MODEL_DEFAULTS = {
-    "detector": "faster_rcnn",
-    "backbone": "resnet50",
-    "pretrained": "none",
-    "num_classes": None,
-    "min_size": 600,
-    "max_size": 1000,
-    "losses": {},
-}
 
 
-def validate_model_config(model_cfg: dict, *, check_weights: bool = False) -> dict:
-    """Check every ``model.*`` field; returns a resolved copy (defaults filled,
-    ``losses`` as :class:`BoxRegressionLoss` per head). ``num_classes`` may still be
-    None here (the engine fills it from the dataset); ``build_detector`` requires it.
-    ``check_weights=True`` also checks that ImageNet weights, when asked for, are in
-    the torch hub cache of this machine (``build_detector`` always does)."""
-    if not isinstance(model_cfg, dict):
-        raise ConfigError("model", f"expected a mapping, got {type(model_cfg).__name__}.")
-    for key in model_cfg:
-        if key not in MODEL_KEYS:
-            raise choice_error(f"model.{key}", key, MODEL_KEYS)
-    cfg = copy.deepcopy(MODEL_DEFAULTS)
-    cfg.update({k: v for k, v in model_cfg.items() if v is not None or k == "num_classes"})
-
-    # isinstance first: a list or mapping here would be unhashable in the `in` test.
-    if not isinstance(cfg["detector"], str) or cfg["detector"] not in DETECTORS:
-        raise choice_error("model.detector", cfg["detector"], DETECTORS)
-    if not isinstance(cfg["backbone"], str) or cfg["backbone"] not in BACKBONES:
-        raise choice_error("model.backbone", cfg["backbone"], BACKBONES)
-    if cfg["pretrained"] in (False, "None"):
-        cfg["pretrained"] = "none"
-    if not isinstance(cfg["pretrained"], str) or cfg["pretrained"] not in PRETRAINED_CHOICES:
-        raise choice_error("model.pretrained", cfg["pretrained"], PRETRAINED_CHOICES)
-    if cfg["backbone"] == "tiny" and cfg["pretrained"] == "imagenet":
-        raise ConfigError("model.pretrained", "the tiny backbone has no ImageNet weights.", "Use pretrained: none.")
-    if check_weights and cfg["pretrained"] == "imagenet" and not os.path.isfile(imagenet_weights_path(cfg["backbone"])):
-        load_imagenet_state_dict(cfg["backbone"])  # raises the ConfigError that says where the file goes
-    if cfg["num_classes"] is not None:
-        _positive_int(cfg["num_classes"], "model.num_classes")
-    _positive_int(cfg["min_size"], "model.min_size")
-    _positive_int(cfg["max_size"], "model.max_size")
-    if cfg["min_size"] > cfg["max_size"]:
-        raise ConfigError(
-            "model.min_size", f"{cfg['min_size']} is larger than model.max_size {cfg['max_size']}.",
-            "min_size is the short side, max_size the cap on the long side.",
-        )
-
-    losses = cfg["losses"] if cfg["losses"] is not None else {}
-    if not isinstance(losses, dict):
-        raise ConfigError("model.losses", f"expected a mapping of head → loss, got {losses!r}.")
-    allowed = LOSS_KEYS_BY_DETECTOR[cfg["detector"]]
+def resolve_model_losses(detector: str, losses: dict, double_head: dict | None) -> tuple[dict, dict | None]:
+    """Each regression head's loss settings (the detector's default merged under the
+    user's) and Double-Head's loss weights, as plain dicts; ConfigError on bad values.
+    Called once, by the typed config (``trainers.config.ModelConfig``)."""
+    allowed = LOSS_KEYS_BY_DETECTOR[detector]
     for head in losses:
-        if not isinstance(head, str) or head not in allowed:
-            raise ConfigError(
-                f"model.losses.{head}",
-                f"no such regression head in {cfg['detector']}.",
-                f"Allowed keys: {', '.join(allowed)}.",
-            )
-    defaults = DEFAULT_LOSSES.get(cfg["detector"], {})
-    cfg["losses"] = {
-        head: regression_loss_from_config(_over_default(defaults.get(head), losses.get(head)), f"model.losses.{head}")
-        for head in allowed
-    }
-    roi_loss = cfg["losses"].get("roi_reg")
-    if cfg["detector"] == "dynamic_rcnn" and roi_loss.type == "smooth_l1" and roi_loss.beta == 0:
+        if head not in allowed:
+            raise ConfigError(f"model.losses.{head}", f"no such regression head in {detector}.",
+                              f"Allowed keys: {', '.join(allowed)}.")
+    defaults = DEFAULT_LOSSES.get(detector, {})
+    resolved = {head: regression_loss_from_config(_over_default(defaults.get(head), losses.get(head)),
+                                                  f"model.losses.{head}")
+                for head in allowed}
+    roi_loss = resolved.get("roi_reg")
+    if detector == "dynamic_rcnn" and roi_loss.type == "smooth_l1" and roi_loss.beta == 0:
         raise ConfigError(
             "model.losses.roi_reg.beta", "is the starting beta Dynamic R-CNN adapts: it must be > 0.",
             "Use the config's 1.0, or type: l1 for a loss without beta.",
         )
-
-    if cfg.get("double_head") is not None and cfg["detector"] != "double_head_rcnn":
-        raise ConfigError("model.double_head", f"is a setting of double_head_rcnn, not of {cfg['detector']}.",
+    if double_head is not None and detector != "double_head_rcnn":
+        raise ConfigError("model.double_head", f"is a setting of double_head_rcnn, not of {detector}.",
                           "Remove it.")
-    if cfg["detector"] == "double_head_rcnn":
-        cfg["double_head"] = DoubleHeadLossWeights.from_config(cfg.get("double_head"), "model.double_head")
-    return cfg
+    weights = None
+    if detector == "double_head_rcnn":
+        weights = dataclasses.asdict(DoubleHeadLossWeights.from_config(double_head, "model.double_head"))
+    return {head: dataclasses.asdict(loss) for head, loss in resolved.items()}, weights
 
 
 def _over_default(default: dict | None, user):
@@ -157,14 +106,35 @@ def _over_default(default: dict | None, user):
     return {**default, **user}
 
 
-def build_detector(model_cfg: dict) -> nn.Module:
-    """Validate ``model_cfg`` and build the detector (train forward → dict of raw head losses)."""
-    cfg = validate_model_config(model_cfg)
-    if cfg["num_classes"] is None:
+def check_pretrained_weights(model) -> None:
+    """ImageNet weights, when asked for, must be in this machine's torch hub cache
+    (nothing is downloaded): a ConfigError saying where the file goes otherwise."""
+    if model.pretrained == "imagenet" and not os.path.isfile(imagenet_weights_path(model.backbone)):
+        load_imagenet_state_dict(model.backbone)  # raises the ConfigError naming the file
+
+
+def build_detector(model) -> nn.Module:
+    """The detector of a ``model`` section (a :class:`~trainers.config.ModelConfig`, or
+    a mapping, parsed into one); train forward → dict of raw head losses."""
+    from trainers.config import ModelConfig, errors_from_validation
+
+    if not isinstance(model, ModelConfig):
+        try:
+            model = ModelConfig.model_validate(model)
+        except ValidationError as exc:
+            raise errors_from_validation(exc, ModelConfig, "model.") from None
+    if model.num_classes is None:
         raise ConfigError(
             "model.num_classes", "is required to build a detector.", "Set it to the number of object classes."
         )
-    return DETECTORS[cfg["detector"]](cfg)
+    cfg = model.model_dump()
+    cfg["min_size"] = model.min_size or 600
+    cfg["max_size"] = model.max_size or 1000
+    cfg["losses"] = {head: regression_loss_from_config(loss, f"model.losses.{head}")
+                     for head, loss in model.losses.items()}
+    if model.double_head is not None:
+        cfg["double_head"] = DoubleHeadLossWeights(**model.double_head)
+    return DETECTORS[model.detector](cfg)
 
 
 def _two_stage_settings(cfg: dict, with_masks: bool) -> dict:
@@ -285,8 +255,3 @@ DETECTORS: dict[str, Callable[[dict], nn.Module]] = {
     "dynamic_rcnn": build_dynamic_rcnn,
     "double_head_rcnn": build_double_head_rcnn,
 }
-
-
-def _positive_int(value, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(where, f"expected a positive integer, got {value!r}.")
