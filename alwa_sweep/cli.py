@@ -1,4 +1,9 @@
-"""The ``alwa-sweep`` command line: a thin dispatcher over ``alwa_sweep.commands``."""
+"""The ``alwa-sweep`` command line: a thin dispatcher over ``alwa_sweep.commands``.
+
+Only the module of the command being run is imported (``alwa-sweep --help`` imports
+no torch, Ray or MLflow). Every :class:`~trainers.errors.UserInputError` is printed as
+its paragraph(s) with exit code 2; ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,18 @@ import sys
 
 from alwa_sweep import __version__
 from alwa_sweep.commands import COMMANDS
-from trainers.errors import UserInputError
 
 
-def _available_commands():
-    """Subcommands whose module exists (later issues add more)."""
-    for name, module_name in COMMANDS:
-        try:
-            module = importlib.import_module(f"alwa_sweep.commands.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"alwa_sweep.commands.{module_name}":
-                continue
-            raise
-        yield name, module
+def _chosen_command(argv: list[str]) -> str | None:
+    names = {name for name, _, _ in COMMANDS}
+    for token in argv:
+        if not token.startswith("-"):
+            return token if token in names else None
+    return None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="alwa-sweep",
         description="Loss-weight sweeps (ALWA, fixed grids, Guided Loss, DWA, DTP) for "
@@ -33,18 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, module in _available_commands():
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+    chosen = _chosen_command(argv)
+    for name, module_name, help_text in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show full tracebacks on errors")
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        if name == chosen:
+            module = importlib.import_module(f"alwa_sweep.commands.{module_name}")
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
+    from trainers.errors import UserInputError
+
     try:
         return int(args._run(args) or 0)
     except UserInputError as exc:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from trainers.engine import TrainingLogger
+from reports.schema import METRIC_ALPHA, METRIC_LOSS, METRIC_LR, METRIC_MAP, main_metric
+from trainers.hooks import TrainingHook
 
 
-class ProgressBar(TrainingLogger):
+class ProgressBar(TrainingHook):
     def __init__(self, description: str = "train", disable: bool | None = None):
         self.description = description
         self.disable = disable
@@ -26,19 +27,19 @@ class ProgressBar(TrainingLogger):
         if self.bar is None or not rows:
             return
         last = rows[-1]
-        postfix = {"loss": f"{last['train/loss']:.4f}", "lr": f"{last['lr']:.2e}"}
-        if "weight/alpha" in last:
-            postfix["alpha"] = f"{last['weight/alpha']:.3f}"
+        postfix = {"loss": f"{last[METRIC_LOSS]:.4f}", "lr": f"{last[METRIC_LR]:.2e}"}
+        if METRIC_ALPHA in last:
+            postfix["alpha"] = f"{last[METRIC_ALPHA]:.3f}"
         if self.last_map is not None:
             postfix["mAP"] = f"{self.last_map:.3f}"
         self.bar.set_postfix(postfix, refresh=False)
 
     def log_evaluation(self, epoch, iteration, metrics):
-        main = metrics.get("val/map", metrics.get("val/ap"))
+        main = main_metric(metrics)
         if main is not None:
             self.last_map = main
             if self.bar is not None:
-                self.bar.write(f"epoch {epoch}: {'mAP' if 'val/map' in metrics else 'AP'} = {main:.4f}")
+                self.bar.write(f"epoch {epoch}: {'mAP' if METRIC_MAP in metrics else 'AP'} = {main:.4f}")
 
     def finish(self, status, reason, metrics):
         if self.bar is not None:

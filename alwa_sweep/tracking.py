@@ -1,7 +1,7 @@
 """MLflow tracking: the store, experiments, and the engine's logger.
 
-The names written here are documented in ``docs/tracking_schema.md``; ``reports``
-reads them back. Metrics go out with ``MlflowClient.log_batch`` (one call per pull of
+The names written here come from ``reports/schema.py`` (explained in
+``docs/tracking_schema.md``), which ``reports`` reads them back with. Metrics go out with ``MlflowClient.log_batch`` (one call per pull of
 the engine's records, ≤ 1000 metrics per call), never one request per iteration.
 """
 
@@ -17,25 +17,20 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import yaml
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from alwa_sweep.sweep_paths import check_writable
+from reports.schema import (ARTIFACT_CONFIG, METRIC_LOSS, STATUS_ERROR, STATUS_INTERRUPTED, STATUS_OK,
+                            STATUS_RUNNING, STATUS_STOPPED, TAG_CHECKPOINT, TAG_PARENT, TAG_REASON, TAG_STATUS)
 from trainers.config import flatten
-from trainers.engine import TrainingLogger
 from trainers.errors import ConfigError
+from trainers.hooks import TrainingHook
 
 DEFAULT_STORE_DIR = "alwa_runs"
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
-
-TAG_KIND = "alwa.kind"
-TAG_STATUS = "alwa.status"
-TAG_REASON = "alwa.status_reason"
-TAG_TRIAL_KEY = "alwa.trial_key"
-TAG_SWEEP = "alwa.sweep_name"
-TAG_PARENT = "mlflow.parentRunId"
 
 
 def default_tracking_uri(runs_dir: str | Path | None = None) -> str:
@@ -176,48 +171,43 @@ class BackgroundWriter:
             raise error
 
 
-class MlflowTrainingLogger(TrainingLogger):
+class MlflowHook(TrainingHook):
     """Writes the engine's records into one MLflow run.
 
     Resuming (``start`` with ``start_iteration > 0``) continues the same run; steps
-    already stored before the interruption are not written again.
+    already stored before the interruption are not written again. ``finish`` ends the
+    run (FINISHED for ``ok``, KILLED for an interruption, FAILED otherwise).
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, progress: TrainingLogger | None = None,
-                 background: bool = True):
+    def __init__(self, client: MlflowClient, run_id: str, background: bool = True):
         self.client = client
         self.run_id = run_id
-        self.progress = progress or TrainingLogger()
         self._skip_until = 0
         self._writer = BackgroundWriter(self._log_metrics) if background else None
 
     @classmethod
     def create(cls, client: MlflowClient, experiment_id: str, run_name: str, *, tags: dict | None = None,
-               parent_run_id: str | None = None, progress: TrainingLogger | None = None):
+               parent_run_id: str | None = None):
         tags = dict(tags or {})
         if parent_run_id:
             tags[TAG_PARENT] = parent_run_id
         run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-        return cls(client, run.info.run_id, progress)
+        return cls(client, run.info.run_id)
 
     def start(self, config, start_iteration, total_iterations):
         run = self.client.get_run(self.run_id)
         if run.info.status != "RUNNING":
             self.client.update_run(self.run_id, status="RUNNING")
+        resolved = config.dump()
         existing = run.data.params
-        params = [Param(k, _param_value(v)) for k, v in sorted(flatten(config).items())
-                  if k not in existing]
+        params = [Param(k, _param_value(v)) for k, v in sorted(flatten(resolved).items()) if k not in existing]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
-        self.client.set_tag(self.run_id, TAG_STATUS, "running")
-        self.client.log_text(self.run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
+        self.client.set_tag(self.run_id, TAG_STATUS, STATUS_RUNNING)
+        self.client.log_text(self.run_id, yaml.safe_dump(resolved, sort_keys=False), ARTIFACT_CONFIG)
         if start_iteration > 0:
-            history = self.client.get_metric_history(self.run_id, "train/loss")
+            history = self.client.get_metric_history(self.run_id, METRIC_LOSS)
             self._skip_until = max((m.step for m in history), default=0)
-        self.progress.start(config, start_iteration, total_iterations)
-
-    def on_iteration(self, iteration):
-        self.progress.on_iteration(iteration)
 
     def log_iterations(self, rows):
         timestamp = int(time.time() * 1000)
@@ -228,7 +218,6 @@ class MlflowTrainingLogger(TrainingLogger):
             self._writer.put(metrics)
         else:
             self._log_metrics(metrics)
-        self.progress.log_iterations(rows)
 
     def wait(self) -> None:
         """Block until every queued metric is stored."""
@@ -239,12 +228,12 @@ class MlflowTrainingLogger(TrainingLogger):
         timestamp = int(time.time() * 1000)
         self.wait()
         self._log_metrics([Metric(name, value, timestamp, epoch) for name, value in metrics.items()])
-        self.progress.log_evaluation(epoch, iteration, metrics)
 
     def on_checkpoint(self, path, iteration, epoch):
+        if path is None:
+            return
         self.wait()
-        self.client.set_tag(self.run_id, "alwa.checkpoint", str(path))
-        self.progress.on_checkpoint(path, iteration, epoch)
+        self.client.set_tag(self.run_id, TAG_CHECKPOINT, str(path))
 
     def finish(self, status, reason, metrics):
         if self._writer is not None:
@@ -252,14 +241,20 @@ class MlflowTrainingLogger(TrainingLogger):
             try:
                 writer.close()
             except Exception as exc:  # the run's result stands, but say its records are incomplete
-                if status == "ok":
-                    status, reason = "error", f"writing metrics to MLflow failed: {exc}"
-        self.client.set_tag(self.run_id, TAG_STATUS, status)
-        if reason:
-            self.client.set_tag(self.run_id, TAG_REASON, reason[:5000])
-        self.client.set_terminated(self.run_id, "FINISHED" if status == "ok" else "FAILED")
-        self.progress.finish(status, reason, metrics)
+                if status == STATUS_OK:
+                    status, reason = STATUS_ERROR, f"writing metrics to MLflow failed: {exc}"
+        end_run(self.client, self.run_id, status, reason)
 
     def _log_metrics(self, metrics: list[Metric]) -> None:
         for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, reason: str = "") -> None:
+    """Tag a run's final status (and reason) and end it in MLflow's own terms."""
+    client.set_tag(run_id, TAG_STATUS, status)
+    if reason:
+        client.set_tag(run_id, TAG_REASON, reason[:5000])
+    mlflow_status = ("FINISHED" if status in (STATUS_OK, STATUS_STOPPED)
+                     else "KILLED" if status == STATUS_INTERRUPTED else "FAILED")
+    client.set_terminated(run_id, mlflow_status)

@@ -19,19 +19,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from alwa_sweep.tracking import (TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRIAL_KEY,
-                                 MlflowTrainingLogger, find_runs_by_tag)
-from trainers.engine import TrainingLogger, train
-
-# Outcomes that training the same config again would only repeat.
-FINAL_STATUSES = ("ok", "nan", "overflow")
-
-
-def main_metric(metrics: dict) -> float | None:
-    for name in ("val/map", "val/ap"):
-        if name in metrics:
-            return metrics[name]
-    return None
+from alwa_sweep.tracking import MlflowHook, end_run, find_runs_by_tag
+from reports.schema import (DONE_STATUSES, KIND_TRIAL, METRIC_LOSS, STATUS_ERROR, STATUS_PENDING, STATUS_RUNNING,
+                            TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRIAL_KEY, main_metric)
+from trainers.engine import train
+from trainers.hooks import TrainingHook
 
 
 def find_or_create_trial_run(client, payload: dict):
@@ -41,8 +33,8 @@ def find_or_create_trial_run(client, payload: dict):
     if runs:
         runs.sort(key=lambda r: r.info.start_time)
         return runs[0]
-    tags = {TAG_KIND: "trial", TAG_TRIAL_KEY: payload["key"], TAG_SWEEP: payload["sweep_name"],
-            TAG_PARENT: payload["parent_run_id"], TAG_STATUS: "pending"}
+    tags = {TAG_KIND: KIND_TRIAL, TAG_TRIAL_KEY: payload["key"], TAG_SWEEP: payload["sweep_name"],
+            TAG_PARENT: payload["parent_run_id"], TAG_STATUS: STATUS_PENDING}
     return client.create_run(payload["experiment_id"], run_name=payload["name"], tags=tags)
 
 
@@ -65,50 +57,33 @@ def _result(iteration: int, epoch: int, status: str, metrics: dict | None = None
             "loss": float("nan") if loss is None else loss}
 
 
-class TuneReporter(TrainingLogger):
-    """Forwards checkpoints (with the latest score) to ``report`` (Tune's or Train's)."""
+class TuneReportHook(TrainingHook):
+    """Each checkpoint, with the latest loss and score, goes to ``report`` (Tune's or
+    Train's); every rank gets it (Train wants every rank to report)."""
 
-    all_ranks = True
-
-    def __init__(self, report, inner: TrainingLogger | None = None):
+    def __init__(self, report):
         self.report = report
-        self.inner = inner or TrainingLogger()
         self.metrics: dict = {}
         self.loss: float | None = None
 
-    def start(self, config, start_iteration, total_iterations):
-        self.inner.start(config, start_iteration, total_iterations)
-
-    def on_iteration(self, iteration):
-        self.inner.on_iteration(iteration)
-
     def log_iterations(self, rows):
         if rows:
-            self.loss = rows[-1]["train/loss"]
-        self.inner.log_iterations(rows)
+            self.loss = rows[-1][METRIC_LOSS]
 
     def log_evaluation(self, epoch, iteration, metrics):
         if metrics:
             self.metrics = metrics
-        self.inner.log_evaluation(epoch, iteration, metrics)
-
-    def wait(self):
-        self.inner.wait()
 
     def on_checkpoint(self, path, iteration, epoch):
-        if path is not None:
-            self.inner.on_checkpoint(path, iteration, epoch)
-            checkpoint, staging = _checkpoint_for_report(Path(path))
-            try:
-                self.report(_result(iteration, epoch, "running", self.metrics, self.loss),
-                            checkpoint=checkpoint)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        else:
-            self.report(_result(iteration, epoch, "running", self.metrics, self.loss), checkpoint=None)
-
-    def finish(self, status, reason, metrics):
-        self.inner.finish(status, reason, metrics)
+        result = _result(iteration, epoch, STATUS_RUNNING, self.metrics, self.loss)
+        if path is None:
+            self.report(result, checkpoint=None)
+            return
+        checkpoint, staging = _checkpoint_for_report(Path(path))
+        try:
+            self.report(result, checkpoint=checkpoint)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _resume_source(get_checkpoint, workdir: Path):
@@ -145,13 +120,11 @@ def _train_with_logging(payload: dict, report, get_checkpoint, device=None, is_m
     from mlflow.tracking import MlflowClient
 
     workdir = Path(payload["workdir"])
-    inner = None
-    if is_main:
-        client = MlflowClient(payload["tracking_uri"])
-        inner = MlflowTrainingLogger(client, payload["run_id"])
-    reporter = TuneReporter(report, inner)
+    hooks = [TuneReportHook(report)]
+    if is_main:  # only rank 0 logs
+        hooks.insert(0, MlflowHook(MlflowClient(payload["tracking_uri"]), payload["run_id"]))
     resume = _resume_source(get_checkpoint, workdir)
-    return train(payload["config"], workdir=workdir, logger=reporter, resume=resume, device=device)
+    return train(payload["config"], workdir=workdir, hooks=hooks, resume=resume, device=device)
 
 
 def run_trial(params: dict) -> None:
@@ -164,7 +137,7 @@ def run_trial(params: dict) -> None:
     run = find_or_create_trial_run(client, payload)
     payload["run_id"] = run.info.run_id
     status = run.data.tags.get(TAG_STATUS)
-    if status in FINAL_STATUSES:
+    if status in DONE_STATUSES:
         tune.report({**_result(0, 0, status, run.data.metrics), "skipped": True})
         return
     try:
@@ -173,11 +146,9 @@ def run_trial(params: dict) -> None:
             _run_distributed(payload)
             return
         result = _train_with_logging(payload, tune.report, tune.get_checkpoint)
-    except Exception as exc:  # recorded in MLflow by the engine; the sweep goes on
-        client.set_tag(payload["run_id"], TAG_STATUS, "error")
-        client.set_tag(payload["run_id"], "alwa.status_reason", f"{type(exc).__name__}: {exc}"[:5000])
-        client.set_terminated(payload["run_id"], "FAILED")
-        tune.report({**_result(0, 0, "error"), "error": f"{type(exc).__name__}: {exc}"[:500]})
+    except Exception as exc:  # recorded in MLflow (again, if the engine got that far); the sweep goes on
+        end_run(client, payload["run_id"], STATUS_ERROR, f"{type(exc).__name__}: {exc}")
+        tune.report({**_result(0, 0, STATUS_ERROR), "error": f"{type(exc).__name__}: {exc}"[:500]})
         return
     tune.report(_result(result.iterations, -1, result.status, result.metrics))
 

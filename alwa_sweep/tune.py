@@ -27,8 +27,9 @@ from pathlib import Path
 import yaml
 
 from alwa_sweep.spec import Spec
-from alwa_sweep.tracking import (TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, get_or_create_experiment,
-                                 open_store)
+from alwa_sweep.tracking import get_or_create_experiment, open_store
+from reports.schema import (ARTIFACT_SPEC, FINAL_STATUSES, KIND_SWEEP, STATUS_OK, STATUS_RUNNING, TAG_KIND, TAG_NOTE,
+                            TAG_PARENT, TAG_STATUS, TAG_SUMMARY, TAG_SWEEP, TAG_TRIAL_KEY)
 from alwa_sweep.trial import run_trial
 
 TUNE_NAME = "tune"
@@ -49,12 +50,12 @@ class SweepSummary:
 
     @property
     def failed(self) -> int:
-        return sum(n for status, n in self.counts.items() if status != "ok")
+        return sum(n for status, n in self.counts.items() if status != STATUS_OK)
 
     def line(self) -> str:
         counts = self.counts
-        parts = [f"{status}={counts[status]}" for status in ("ok", "nan", "overflow", "error") if counts[status]]
-        parts += [f"{s}={n}" for s, n in sorted(counts.items()) if s not in ("ok", "nan", "overflow", "error")]
+        parts = [f"{status}={counts[status]}" for status in FINAL_STATUSES if counts[status]]
+        parts += [f"{s}={n}" for s, n in sorted(counts.items()) if s not in FINAL_STATUSES]
         return " ".join(parts) or "no trials"
 
 
@@ -70,9 +71,9 @@ def _payloads(spec: Spec, sweep_dir: Path, state: dict) -> list[dict]:
         "experiment_id": state["experiment_id"],
         "parent_run_id": state["parent_run_id"],
         "sweep_name": state["name"],
-        "workers": resources["workers"],
-        "cpus_per_worker": resources["cpus_per_worker"],
-        "gpus_per_worker": resources["gpus_per_worker"],
+        "workers": resources.workers,
+        "cpus_per_worker": resources.cpus_per_worker,
+        "gpus_per_worker": resources.gpus_per_worker,
         "max_failures": spec.max_failures,
     } for trial in spec.trials]
 
@@ -83,15 +84,15 @@ def prepare_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str) -> dict:
     experiment_id = get_or_create_experiment(client, spec.experiment)
     name = sweep_dir.name
     parent = client.create_run(experiment_id, run_name=name,
-                               tags={TAG_KIND: "sweep", TAG_SWEEP: name, TAG_STATUS: "running",
-                                     "mlflow.note.content": spec.description or f"sweep {spec.name}"})
+                               tags={TAG_KIND: KIND_SWEEP, TAG_SWEEP: name, TAG_STATUS: STATUS_RUNNING,
+                                     TAG_NOTE: spec.description or f"sweep {spec.name}"})
     sweep_dir.mkdir(parents=True, exist_ok=False)
-    spec_text = yaml.safe_dump({**spec.raw, "base": spec.base}, sort_keys=False)
-    (sweep_dir / "spec.yaml").write_text(spec_text)
-    client.log_text(parent.info.run_id, spec_text, "spec.yaml")
+    spec_text = yaml.safe_dump(spec.raw, sort_keys=False)
+    (sweep_dir / ARTIFACT_SPEC).write_text(spec_text)
+    client.log_text(parent.info.run_id, spec_text, ARTIFACT_SPEC)
     client.log_batch(parent.info.run_id, params=[
         _param("spec.name", spec.name), _param("trials", len(spec.trials)),
-        _param("resources", json.dumps(spec.resources)), _param("scheduler", spec.scheduler["type"])])
+        _param("resources", json.dumps(spec.resources.model_dump())), _param("scheduler", spec.scheduler.type)])
     state = {"name": name, "spec_name": spec.name, "experiment": spec.experiment,
              "experiment_id": experiment_id, "parent_run_id": parent.info.run_id,
              "tracking_uri": tracking_uri, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -121,26 +122,26 @@ def _init_ray(address: str | None, num_cpus: int | None) -> None:
 
 
 def _scheduler(spec: Spec):
-    if spec.scheduler["type"] != "asha":
+    if spec.scheduler.type != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="epoch", metric="score", mode=spec.scheduler["mode"],
-                         grace_period=spec.scheduler["grace_period"],
-                         reduction_factor=spec.scheduler["reduction_factor"],
+    return ASHAScheduler(time_attr="epoch", metric="score", mode=spec.scheduler.mode,
+                         grace_period=spec.scheduler.grace_period,
+                         reduction_factor=spec.scheduler.reduction_factor,
                          max_t=max(_epochs(t.config) for t in spec.trials))
 
 
-def _epochs(config: dict) -> int:
-    schedule = config["schedule"]
-    return schedule["epochs"] if schedule["unit"] == "epoch" else 10**6
+def _epochs(config) -> int:
+    schedule = config.schedule
+    return schedule.epochs if schedule.unit == "epoch" else 10**6
 
 
 def _trial_resources(spec: Spec) -> dict:
     resources = spec.resources
-    if resources["workers"] > 1:
+    if resources.workers > 1:
         return {"cpu": 1}  # the Train driver; the workers reserve their own resources
-    return {"cpu": resources["cpus_per_worker"], "gpu": resources["gpus_per_worker"]}
+    return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
 
 
 def _build_tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int | None, progress):
@@ -205,7 +206,7 @@ def collect_statuses(client, state: dict) -> dict:
     runs = client.search_runs([state["experiment_id"]],
                               filter_string=f"tags.`{TAG_PARENT}` = '{state['parent_run_id']}'",
                               max_results=10000)
-    return {r.data.tags.get("alwa.trial_key", r.info.run_id): r.data.tags.get(TAG_STATUS, "unknown")
+    return {r.data.tags.get(TAG_TRIAL_KEY, r.info.run_id): r.data.tags.get(TAG_STATUS, "unknown")
             for r in runs}
 
 
@@ -217,9 +218,9 @@ def finish_sweep(spec: Spec, sweep_dir: Path, state: dict) -> SweepSummary:
     summary = SweepSummary(state["name"], sweep_dir, state["parent_run_id"], state["experiment"],
                            state["tracking_uri"], statuses)
     parent = state["parent_run_id"]
-    client.set_tag(parent, "alwa.summary", summary.line())
+    client.set_tag(parent, TAG_SUMMARY, summary.line())
     client.log_dict(parent, {"statuses": statuses, "counts": dict(summary.counts)}, "summary.json")
-    complete = all(s in ("ok", "nan", "overflow", "error") for s in statuses.values())
+    complete = all(s in FINAL_STATUSES for s in statuses.values())
     client.set_tag(parent, TAG_STATUS, "finished" if complete else "incomplete")
     client.set_terminated(parent, "FINISHED" if complete else "KILLED")
     return summary

@@ -44,7 +44,7 @@ import torch
 
 from trainers.config import load_config
 from trainers.data.synthetic import make_synthetic
-from trainers.engine import TrainingLogger, _Position, _Run, _to_device, _weighted_total, train_one_epoch
+from trainers.engine import TrainingHook, _Position, _Run, _to_device, _weighted_total, train_one_epoch
 from trainers.records import RecordBuffer, first_non_finite
 from trainers.weighting import build_weighting
 
@@ -73,7 +73,7 @@ def preload_batches(run: _Run) -> list:
     return list(run.loader)
 
 
-def make_flush(buffer: RecordBuffer, logger: TrainingLogger, last_loss: list):
+def make_flush(buffer: RecordBuffer, logger: TrainingHook, last_loss: list):
     """The engine's ``flush`` (``trainers.engine.train``) for one process."""
     def flush() -> None:
         rows = buffer.pull()
@@ -153,7 +153,7 @@ def engine_additions_alone(run: _Run, batches: list, iterations: int) -> float:
     leaf = torch.ones((), requires_grad=True)
     names = ("rpn_cls", "rpn_reg", "roi_cls", "roi_reg")
     buffer, last_loss = RecordBuffer(), [None]
-    flush = make_flush(buffer, TrainingLogger(), last_loss)
+    flush = make_flush(buffer, TrainingHook(), last_loss)
     batch_cycle = itertools.cycle(batches)
     start = time.perf_counter()
     for iteration in range(1, iterations + 1):
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         distinct = preload_batches(run)
     batches = list(itertools.islice(itertools.cycle(distinct), iters))
     position, buffer, last_loss = _Position(), RecordBuffer(), [None]
-    flush = make_flush(buffer, TrainingLogger(), last_loss)
+    flush = make_flush(buffer, TrainingHook(), last_loss)
 
     print(f"tiny Faster R-CNN, batch {args.batch_size} of 128 px images ({len(distinct)} distinct batches), "
           f"ALWA_1 (interval 20), records pulled every {LOG_EVERY} iterations, "

@@ -10,7 +10,7 @@ three alike:
     so it is not in them);
 (b) the project's logging path, as training feels it: the 50 rows a round pulled from
     the engine (its real keys and values, 11 metrics per row and 4 more on ALWA's
-    update rows) go to ``MlflowTrainingLogger.log_iterations`` (which queues them for
+    update rows) go to ``MlflowHook.log_iterations`` (which queues them for
     its background writer thread), then the next 50 engine steps run *while* the
     writer stores them in a fresh SQLite store. Cost per iteration = the queueing call
     / 50 + (median step with the writer busy − median step of (a), measured in the
@@ -41,7 +41,7 @@ import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from alwa_sweep.tracking import MlflowTrainingLogger, get_or_create_experiment, open_store, sqlite_uri
+from alwa_sweep.tracking import MlflowHook, get_or_create_experiment, open_store, sqlite_uri
 from trainers.config import load_config
 from trainers.data.synthetic import make_synthetic
 from trainers.engine import _Position, _Run, train_one_epoch
@@ -85,7 +85,7 @@ def engine_round(run: _Run, position: _Position, buffer: RecordBuffer, batches: 
     return (wall, cpu), buffer.pull()
 
 
-def project_logging(logger: MlflowTrainingLogger, rows: list[dict]) -> tuple[float, float]:
+def project_logging(logger: MlflowHook, rows: list[dict]) -> tuple[float, float]:
     """(wall, CPU) seconds of the engine's one ``log_iterations`` call per pull."""
     wall, cpu = clocks()
     logger.log_iterations(rows)
@@ -101,11 +101,11 @@ def naive_logging(run_id: str, rows: list[dict]) -> float:
     return time.perf_counter() - start
 
 
-def open_logger(store: Path, config: dict) -> MlflowTrainingLogger:
+def open_logger(store: Path, config: dict) -> MlflowHook:
     """A training run in a fresh SQLite store, started as the engine starts it."""
     client = open_store(sqlite_uri(store / "mlflow.db"))
     experiment = get_or_create_experiment(client, "bench-logging")
-    logger = MlflowTrainingLogger.create(client, experiment, "batched")
+    logger = MlflowHook.create(client, experiment, "batched")
     logger.start(config, 0, config["schedule"]["max_iters"])
     return logger
 

@@ -34,6 +34,7 @@ STATUS_NAN = "nan"  # a non-finite loss
 STATUS_OVERFLOW = "overflow"  # a weighting method produced a non-finite weight (DWA)
 STATUS_STOPPED = "stopped"  # stopped early by a scheduler (ASHA) or by the user
 STATUS_ERROR = "error"  # anything else
+STATUS_INTERRUPTED = "interrupted"  # SIGTERM / Ctrl-C: resumable, not an outcome
 FINAL_STATUSES = (STATUS_OK, STATUS_NAN, STATUS_OVERFLOW, STATUS_STOPPED, STATUS_ERROR)
 # Outcomes that training the same config again would only repeat (a sweep skips them).
 DONE_STATUSES = (STATUS_OK, STATUS_NAN, STATUS_OVERFLOW, STATUS_STOPPED)

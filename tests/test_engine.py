@@ -8,13 +8,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from alwa_sweep.tracking import MlflowTrainingLogger, get_or_create_experiment, open_store, sqlite_uri
+from alwa_sweep.tracking import MlflowHook, get_or_create_experiment, open_store, sqlite_uri
 from trainers.checkpoint import load_latest_checkpoint
 from trainers.config import load_config
 from trainers.data.synthetic import make_synthetic
 from trainers.data.voc import VOCDetection
 from trainers.detectors import build_detector
-from trainers.engine import TrainingLogger, train
+from trainers.engine import TrainingHook, train
 from trainers.evaluation import voc_map
 from trainers.schedule import StepSchedule
 
@@ -24,7 +24,7 @@ def synthetic_voc_large(tmp_path_factory):
     return make_synthetic(tmp_path_factory.mktemp("voc_large"), format="voc", images=200, seed=3)
 
 
-class Collect(TrainingLogger):
+class Collect(TrainingHook):
     """Keeps every row and evaluation; optionally interrupts at an iteration."""
 
     def __init__(self, stop_at: int | None = None):
@@ -51,7 +51,7 @@ def map_of_checkpoint(config: dict, data: dict, checkpoints) -> float:
     state, _ = load_latest_checkpoint(checkpoints)
     resolved = load_config(config)
     dataset = VOCDetection(data["root"], sets=[tuple(s.split("/")) for s in data["test_sets"]])
-    model = build_detector({**resolved["model"], "num_classes": 20, "min_size": 128, "max_size": 128})
+    model = build_detector(resolved.model.model_copy(update={"num_classes": 20, "min_size": 128, "max_size": 128}))
     model.load_state_dict(state["model"])
     model.eval()
     with torch.no_grad():
@@ -92,16 +92,15 @@ def test_tiny_detector_learns_with_alwa(synthetic_voc_large, tmp_path, detector,
     uri = sqlite_uri(tmp_path / "mlflow.db")
     client = open_store(uri)
     experiment = get_or_create_experiment(client, "engine-test")
-    logger = MlflowTrainingLogger.create(client, experiment, f"tiny-{detector}")
+    logger = MlflowHook.create(client, experiment, f"tiny-{detector}")
     collect = Collect()
-    logger.progress = collect
     config = tiny_config(
         synthetic_voc_large, model={"detector": detector},
         weighting={"method": "alwa", "variant": variant, "interval": 20},
         schedule={"max_iters": 240, "steps": [200], "warmup_iters": 50},
         optimizer={"lr": 0.02 if detector == "faster_rcnn" else 0.01},
         train={"batch_size": 4, "log_every": 20, "eval_every": 0})
-    result = train(config, workdir=tmp_path / "run", logger=logger)
+    result = train(config, workdir=tmp_path / "run", hooks=[logger, collect])
     assert result.status == "ok" and result.iterations == 240
     losses = [row["train/loss"] for row in collect.rows]
     assert len(losses) == 240
@@ -131,14 +130,14 @@ def test_resume_reproduces_uninterrupted_run_bit_for_bit(synthetic_voc, tmp_path
                          train={"checkpoint_every_iters": 7, "log_every": 5, "eval_every": 0},
                          dataset={"flip": 0.5})
     uninterrupted = Collect()
-    train(config, workdir=tmp_path / "a", logger=uninterrupted)
+    train(config, workdir=tmp_path / "a", hooks=[uninterrupted])
 
     interrupted = Collect(stop_at=11)
     with pytest.raises(KeyboardInterrupt):
-        train(config, workdir=tmp_path / "b", logger=interrupted)
-    assert interrupted.finished[0] == "error"
+        train(config, workdir=tmp_path / "b", hooks=[interrupted])
+    assert interrupted.finished[0] == "interrupted"
     resumed = Collect()
-    result = train(config, workdir=tmp_path / "b", logger=resumed, resume=True)
+    result = train(config, workdir=tmp_path / "b", hooks=[resumed], resume=True)
     assert result.status == "ok"
     # the last checkpoint before iteration 11 is the one after iteration 7
     assert [row["step"] for row in resumed.rows] == list(range(8, 21))
@@ -151,7 +150,7 @@ def test_non_finite_loss_ends_run_with_status_nan(synthetic_voc, tmp_path):
     config = tiny_config(synthetic_voc, optimizer={"lr": 1e12}, schedule={"warmup_iters": 0},
                          train={"log_every": 2, "eval_every": 0})
     collect = Collect()
-    result = train(config, workdir=tmp_path, logger=collect)
+    result = train(config, workdir=tmp_path, hooks=[collect])
     assert result.status == "nan"
     assert "non-finite loss at iteration" in result.reason
     assert collect.finished[0] == "nan"
@@ -164,13 +163,13 @@ def test_resumed_mlflow_run_has_no_duplicate_steps(synthetic_voc, tmp_path):
     client = open_store(uri)
     experiment = get_or_create_experiment(client, "resume-test")
     config = tiny_config(synthetic_voc, train={"checkpoint_every_iters": 6, "log_every": 4, "eval_every": 0})
-    first = MlflowTrainingLogger.create(client, experiment, "resumable")
-    first.progress = Collect(stop_at=10)  # steps 1..8 were flushed, checkpoint at 6
-    with pytest.raises(KeyboardInterrupt):
-        train(config, workdir=tmp_path / "run", logger=first)
-    assert client.get_run(first.run_id).data.tags["alwa.status"] == "error"
-    second = MlflowTrainingLogger(MlflowClient(uri), first.run_id)
-    train(config, workdir=tmp_path / "run", logger=second, resume=True)
+    first = MlflowHook.create(client, experiment, "resumable")
+    with pytest.raises(KeyboardInterrupt):  # steps 1..8 were flushed, checkpoint at 6
+        train(config, workdir=tmp_path / "run", hooks=[first, Collect(stop_at=10)])
+    interrupted = client.get_run(first.run_id)
+    assert interrupted.data.tags["alwa.status"] == "interrupted" and interrupted.info.status == "KILLED"
+    second = MlflowHook(MlflowClient(uri), first.run_id)
+    train(config, workdir=tmp_path / "run", hooks=[second], resume=True)
     steps = [m.step for m in client.get_metric_history(first.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 21))
     assert client.get_run(first.run_id).data.tags["alwa.status"] == "ok"
@@ -181,7 +180,7 @@ def test_overflowing_weighting_ends_run_with_status_overflow(synthetic_voc, tmp_
     config = tiny_config(synthetic_voc, weighting={"method": "dwa", "temperature": 1e-4, "period": 3},
                          train={"log_every": 5, "eval_every": 0})
     collect = Collect()
-    result = train(config, workdir=tmp_path, logger=collect)
+    result = train(config, workdir=tmp_path, hooks=[collect])
     assert result.status == "overflow", result.reason
     assert collect.finished[0] == "overflow"
 
@@ -189,7 +188,7 @@ def test_overflowing_weighting_ends_run_with_status_overflow(synthetic_voc, tmp_
 def test_evaluation_matches_independent_voc_map(synthetic_voc, tmp_path):
     """The engine's per-epoch metric equals voc_map on the model's own detections."""
     config = tiny_config(synthetic_voc, schedule={"max_iters": 10, "steps": [8]})
-    result = train(config, workdir=tmp_path, logger=Collect())
+    result = train(config, workdir=tmp_path, hooks=[Collect()])
     assert result.metrics["val/map"] == pytest.approx(
         map_of_checkpoint(config, synthetic_voc, tmp_path / "checkpoints"), abs=1e-6)
 
@@ -203,7 +202,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, config: dict, workdir: st
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         collect = Collect()
-        result = train(config, workdir=workdir, logger=collect)
+        result = train(config, workdir=workdir, hooks=[collect] if rank == 0 else [])  # rank 0 logs
         with open(f"{out}.{rank}", "w") as handle:
             json.dump({"status": result.status, "metrics": result.metrics, "rows": len(collect.rows),
                        "finished": collect.finished}, handle)

@@ -139,7 +139,7 @@ class ModelConfig(Section):
 
 class OptimizerConfig(Section):
     type: Literal["sgd", "adamw"] = "sgd"
-    lr: Optional[float] = Field(None, gt=0, le=10, description="default 0.02 (two-stage) / 0.01 (RetinaNet) "
+    lr: Optional[float] = Field(None, gt=0, description="default 0.02 (two-stage) / 0.01 (RetinaNet) "
                                 "with SGD, 1e-4 with AdamW")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: Optional[float] = Field(None, ge=0, le=1, description="default 1e-4 (SGD), 0.05 (AdamW)")
@@ -288,7 +288,7 @@ def _describe(error: dict, model_class: type[BaseModel], loc: tuple) -> tuple[st
     if kind in ("union_tag_invalid", "literal_error"):
         expected = (error.get("ctx") or {}).get("expected", "")
         return f"unknown value {shown}.", f"Allowed values: {expected}."
-    message = error["msg"].removeprefix("Value error, ")
+    message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     if kind in ("finite_number",):
         message = "must be a finite number"
     return f"{message} (got {shown}).", _hint(kind)

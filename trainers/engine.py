@@ -29,6 +29,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader, Subset
 
 from trainers import distributed as dist_utils
 from trainers.checkpoint import load_latest_checkpoint, save_checkpoint
-from trainers.config import load_config
+from trainers.config import OptimizerConfig, TrainingConfig, load_config
 from trainers.data.build import build_datasets
 from trainers.data.transforms import collate_fn
 from trainers.detectors import build_detector
@@ -47,37 +48,13 @@ from trainers.sampling import EpochSampler, FlipOnRequest
 from trainers.schedule import build_schedule
 from trainers.weighting import WeightOverflowError, build_weighting
 
-STATUS_OK, STATUS_NAN, STATUS_OVERFLOW, STATUS_ERROR = "ok", "nan", "overflow", "error"
+from reports.schema import (METRIC_LOSS, METRIC_LR, METRIC_MAP, STATUS_ERROR, STATUS_INTERRUPTED, STATUS_NAN,
+                            STATUS_OK, STATUS_OVERFLOW, metric_train, metric_val, metric_weight, metric_weighted)
+from trainers.errors import ConfigError, Interrupted, interruption_reason
+from trainers.hooks import Hooks, TrainingHook
 
-
-class TrainingLogger:
-    """What the engine reports, as no-op hooks; subclass the ones you need.
-
-    Only rank 0 calls them, unless ``all_ranks`` is true (Ray Train needs every rank to
-    report at each checkpoint); then ranks other than 0 get ``on_checkpoint`` with
-    ``path=None`` and ``log_evaluation`` with empty metrics, and nothing else.
-    ``log_iterations`` receives rows
-    ``{"step", "epoch", "lr", "train/loss", "train/<key>", "weight/…", "window/…"}``.
-    """
-
-    all_ranks = False
-
-    def start(self, config: dict, start_iteration: int, total_iterations: int) -> None: ...
-
-    def on_iteration(self, iteration: int) -> None:
-        """Called every iteration with host-side information only (progress bars)."""
-
-    def log_iterations(self, rows: list[dict]) -> None: ...
-
-    def log_evaluation(self, epoch: int, iteration: int, metrics: dict[str, float]) -> None: ...
-
-    def wait(self) -> None:
-        """Block until everything logged so far is stored (loggers that write in the
-        background); called before each checkpoint file is written."""
-
-    def on_checkpoint(self, path: Path, iteration: int, epoch: int) -> None: ...
-
-    def finish(self, status: str, reason: str, metrics: dict[str, float]) -> None: ...
+__all__ = ["STATUS_ERROR", "STATUS_INTERRUPTED", "STATUS_NAN", "STATUS_OK", "STATUS_OVERFLOW", "TrainResult",
+           "TrainingHook", "evaluate", "train", "train_one_epoch"]
 
 
 @dataclass
@@ -99,7 +76,7 @@ class Diverged(Exception):
 
 
 @dataclass
-class _Position:
+class Position:
     """How far training has come: completed iterations, current epoch, batches done in it."""
     iteration: int = 0
     epoch: int = 0
@@ -120,12 +97,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(optimizer_cfg: dict, parameters) -> torch.optim.Optimizer:
+def build_optimizer(optimizer: OptimizerConfig, parameters) -> torch.optim.Optimizer:
     params = [p for p in parameters if p.requires_grad]
-    if optimizer_cfg["type"] == "sgd":
-        return torch.optim.SGD(params, lr=optimizer_cfg["lr"], momentum=optimizer_cfg["momentum"],
-                               weight_decay=optimizer_cfg["weight_decay"])
-    return torch.optim.AdamW(params, lr=optimizer_cfg["lr"], weight_decay=optimizer_cfg["weight_decay"])
+    if optimizer.type == "sgd":
+        return torch.optim.SGD(params, lr=optimizer.lr, momentum=optimizer.momentum,
+                               weight_decay=optimizer.weight_decay)
+    return torch.optim.AdamW(params, lr=optimizer.lr, weight_decay=optimizer.weight_decay)
 
 
 def _to_device(images, targets, device):
@@ -139,56 +116,93 @@ def _unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-class _Run:
-    """The objects of one run, built from a resolved config."""
+class Run:
+    """The objects of one run, built from a resolved config, and where it stands.
 
-    def __init__(self, config: dict, device: torch.device):
+    ``flush`` pulls the device records to the hooks (and detects divergence);
+    ``checkpoint`` writes a checkpoint and tells the hooks.
+    """
+
+    def __init__(self, config: TrainingConfig, device: torch.device, workdir: Path,
+                 hooks: TrainingHook | None = None):
         self.config = config
         self.device = device
-        dataset_cfg, train_cfg = config["dataset"], config["train"]
-        detector = config["model"]["detector"]
+        self.hooks = hooks or Hooks()
+        self.checkpoint_dir = Path(workdir) / "checkpoints"
+        self.position = Position()
+        self.evaluations: list = []  # (epoch, metrics) per evaluation
+        self.buffer = RecordBuffer()
+        self.last_checkpoint: Path | None = None
+        dataset_cfg, train_cfg = config.dataset, config.train
         self.train_set, self.test_set = build_datasets(
-            {**dataset_cfg, "flip": 0.0}, with_masks=detector == "mask_rcnn")
-        model_cfg = dict(config["model"])
-        if model_cfg.get("num_classes") is None:
-            model_cfg["num_classes"] = len(self.train_set.class_names)
-        scale = dataset_cfg["scale"]
-        model_cfg.setdefault("min_size", min(scale))
-        model_cfg.setdefault("max_size", max(scale))
-        seed_everything(train_cfg["seed"])
+            {**dataset_cfg.model_dump(), "flip": 0.0}, with_masks=config.model.detector == "mask_rcnn")
+        model_cfg = config.model
+        if model_cfg.num_classes is None:
+            model_cfg = model_cfg.model_copy(update={"num_classes": len(self.train_set.class_names)})
+        seed_everything(train_cfg.seed)
         model = build_detector(model_cfg).to(device)
-        self.head = config["weighting"]["head"]
+        self.head = config.weighting.head
         model.weighted_head = self.head  # the head whose KPIs the detector reports (DTP)
-        self.weighting = build_weighting(config["weighting"])
+        self.weighting = build_weighting(config.weighting)
         self.weighting.to(device)  # learnable weights must live where the optimizer's state will
         params = list(model.parameters()) + list(self.weighting.parameters())
-        self.optimizer = build_optimizer(config["optimizer"], params)
+        self.optimizer = build_optimizer(config.optimizer, params)
         if dist_utils.is_distributed():
             model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         self.model = model
-        self.amp = bool(train_cfg["amp"]) and device.type == "cuda"
+        self.amp = train_cfg.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
-        self.sampler = EpochSampler(len(self.train_set), seed=train_cfg["seed"],
-                                    flip_prob=dataset_cfg["flip"], rank=dist_utils.rank(),
+        self.sampler = EpochSampler(len(self.train_set), seed=train_cfg.seed,
+                                    flip_prob=dataset_cfg.flip, rank=dist_utils.rank(),
                                     world_size=dist_utils.world_size())
-        workers = dataset_cfg["num_workers"]
+        workers = dataset_cfg.num_workers
         self.loader = DataLoader(
-            FlipOnRequest(self.train_set), batch_size=train_cfg["batch_size"], sampler=self.sampler,
+            FlipOnRequest(self.train_set), batch_size=train_cfg.batch_size, sampler=self.sampler,
             num_workers=workers, collate_fn=collate_fn, pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
             # An explicit generator keeps DataLoader from drawing worker seeds from the
             # global RNG, which would shift the RPN/ROI samplers' random streams on resume.
-            generator=torch.Generator().manual_seed(train_cfg["seed"]))
-        self.iters_per_epoch = math.ceil(self.sampler.per_rank / train_cfg["batch_size"])
-        self.schedule = build_schedule(config["schedule"], config["optimizer"]["lr"], self.iters_per_epoch)
+            generator=torch.Generator().manual_seed(train_cfg.seed))
+        self.iters_per_epoch = math.ceil(self.sampler.per_rank / train_cfg.batch_size)
+        self.schedule = build_schedule(config.schedule, config.optimizer.lr, self.iters_per_epoch)
         self.num_epochs = math.ceil(self.schedule.total_iters / self.iters_per_epoch)
 
-    def state_dict(self, position: _Position, evaluations: list) -> dict:
+    # ---- records and checkpoints -------------------------------------------------------
+    def flush(self) -> None:
+        """Pull the pending records to the hooks; a non-finite loss ends the run."""
+        rows = self.buffer.pull()
+        if not rows:
+            return
+        bad = first_non_finite(rows, METRIC_LOSS)
+        if dist_utils.is_distributed():
+            # Every rank must stop together, or the others wait forever in DDP's all-reduce.
+            flag = torch.tensor([bad is not None], dtype=torch.int32, device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and bad is None:
+                raise Diverged(STATUS_NAN, "non-finite loss on another rank")
+        if bad is not None:
+            rows = rows[: rows.index(bad) + 1]
+        self.hooks.log_iterations(rows)
+        if bad is not None:
+            raise Diverged(STATUS_NAN, f"non-finite loss at iteration {bad['step']}")
+
+    def checkpoint(self) -> None:
+        path = None
+        if dist_utils.is_main_process():
+            # The rows a checkpoint covers are stored before its file exists: a run killed
+            # in between and resumed from that file never logs those steps again.
+            self.hooks.wait()
+            path = save_checkpoint(self.state_dict(), self.checkpoint_dir, self.position.iteration)
+            self.last_checkpoint = path
+        self.hooks.on_checkpoint(path, self.position.iteration, self.position.epoch)
+
+    def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        position = self.position
         return {
             "model": _unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -198,10 +212,10 @@ class _Run:
             "iteration": position.iteration,
             "epoch": position.epoch,
             "epoch_batches": position.epoch_batches,
-            "evaluations": evaluations,
+            "evaluations": self.evaluations,
         }
 
-    def load_state_dict(self, state: dict) -> tuple[_Position, list]:
+    def load_state_dict(self, state: dict) -> None:
         _unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -209,11 +223,11 @@ class _Run:
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        position = _Position(state["iteration"], state["epoch"], state["epoch_batches"])
-        return position, list(state.get("evaluations", []))
+        self.position = Position(state["iteration"], state["epoch"], state["epoch_batches"])
+        self.evaluations = list(state.get("evaluations", []))
 
 
-def _weighted_total(run: _Run, raw_losses: dict, kpis) -> tuple[torch.Tensor, dict]:
+def _weighted_total(run: Run, raw_losses: dict, kpis) -> tuple[torch.Tensor, dict]:
     """Apply the weighting method to its head's (cls, reg) pair; other losses keep weight 1."""
     cls_key, reg_key = f"{run.head}_cls", f"{run.head}_reg"
     cls_w, reg_w = run.weighting(raw_losses[cls_key], raw_losses[reg_key], kpis=kpis)
@@ -221,21 +235,22 @@ def _weighted_total(run: _Run, raw_losses: dict, kpis) -> tuple[torch.Tensor, di
     for key, value in raw_losses.items():
         if key not in (cls_key, reg_key):
             total = total + value
-    values = {"train/loss": total}
-    values.update({f"train/{key}": value for key, value in raw_losses.items()})
-    values[f"train/{cls_key}_weighted"] = cls_w
-    values[f"train/{reg_key}_weighted"] = reg_w
+    values = {METRIC_LOSS: total}
+    values.update({metric_train(key): value for key, value in raw_losses.items()})
+    values[metric_weighted(run.head, "cls")] = cls_w
+    values[metric_weighted(run.head, "reg")] = reg_w
     for name, value in run.weighting.log_values().items():
-        values[name if "/" in name else f"weight/{name}"] = value
+        values[name if "/" in name else metric_weight(name)] = value
     return total, values
 
 
-def train_one_epoch(run: _Run, position: _Position, buffer: RecordBuffer, flush, checkpoint) -> None:
-    """Train from ``position`` to the end of its epoch (or of the schedule)."""
-    model, optimizer, scaler, train_cfg = run.model, run.optimizer, run.scaler, run.config["train"]
+def train_one_epoch(run: Run) -> None:
+    """Train from ``run.position`` to the end of its epoch (or of the schedule)."""
+    model, optimizer, scaler, train_cfg = run.model, run.optimizer, run.scaler, run.config.train
+    position = run.position
     model.train()
-    batch_size = train_cfg["batch_size"]
-    run.sampler.set_epoch(position.epoch, start=position.epoch_batches * batch_size)
+    run.sampler.set_epoch(position.epoch, start=position.epoch_batches * train_cfg.batch_size)
+    every = train_cfg.checkpoint_every_iters
     for images, targets in run.loader:
         if position.iteration >= run.schedule.total_iters:
             break
@@ -251,43 +266,50 @@ def train_one_epoch(run: _Run, position: _Position, buffer: RecordBuffer, flush,
             raise Diverged(STATUS_OVERFLOW, f"iteration {position.iteration + 1}: {exc}") from exc
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
-        if train_cfg["grad_clip"]:
+        if train_cfg.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(
-                [p for group in optimizer.param_groups for p in group["params"]], train_cfg["grad_clip"])
+                [p for group in optimizer.param_groups for p in group["params"]], train_cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
 
         position.iteration += 1
         position.epoch_batches += 1
-        values["lr"] = lr
-        buffer.add(position.iteration, position.epoch + 1, values)
-        run.on_iteration(position.iteration)
-        if position.iteration % train_cfg["log_every"] == 0:
-            flush()
-        every = train_cfg["checkpoint_every_iters"]
+        values[METRIC_LR] = lr
+        run.buffer.add(position.iteration, position.epoch + 1, values)
+        run.hooks.on_iteration(position.iteration)
+        if position.iteration % train_cfg.log_every == 0:
+            run.flush()
         if every and position.iteration % every == 0 and position.epoch_batches < run.iters_per_epoch:
-            flush()
-            checkpoint()
+            run.flush()
+            run.checkpoint()
+
+
+@dataclass
+class Evaluation:
+    """One pass over the test set: the metrics, and (rank 0) what they were computed from."""
+    metrics: dict[str, float]
+    detections: list = field(default_factory=list)  # per test image, in the test set's order
+    image_indices: list = field(default_factory=list)
 
 
 @torch.no_grad()
-def evaluate(model, dataset, config: dict, device: torch.device) -> dict[str, float]:
+def evaluate(model, dataset, config: TrainingConfig, device: torch.device) -> Evaluation:
     """Detections on the test set (sharded across ranks) → VOC mAP or COCO AP on rank 0."""
     model = _unwrap(model)
     model.eval()
-    train_cfg = config["train"]
+    train_cfg = config.train
     indices = list(range(len(dataset)))
-    if train_cfg["eval_max_images"]:
-        indices = indices[: train_cfg["eval_max_images"]]
+    if train_cfg.eval_max_images:
+        indices = indices[: train_cfg.eval_max_images]
     shard = indices[dist_utils.rank()::dist_utils.world_size()]
-    loader = DataLoader(Subset(dataset, shard), batch_size=train_cfg["eval_batch_size"],
-                        num_workers=config["dataset"]["num_workers"], collate_fn=collate_fn)
+    loader = DataLoader(Subset(dataset, shard), batch_size=train_cfg.eval_batch_size,
+                        num_workers=config.dataset.num_workers, collate_fn=collate_fn)
     results = []
     position = 0
     for images, _ in loader:
         images = [image.to(device, non_blocking=True) for image in images]
-        with torch.autocast(device.type, enabled=bool(train_cfg["amp"]) and device.type == "cuda"):
+        with torch.autocast(device.type, enabled=train_cfg.amp and device.type == "cuda"):
             outputs = model(images)
         for output in outputs:
             output = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in output.items()}
@@ -296,122 +318,114 @@ def evaluate(model, dataset, config: dict, device: torch.device) -> dict[str, fl
     model.train()
     gathered = dist_utils.gather_to_main(results)
     if gathered is None:
-        return {}
+        return Evaluation({})
     by_index = dict(gathered)
     ordered = [by_index[i] for i in indices]
-    if config["dataset"]["kind"] == "coco":
-        return _coco_metrics(dataset, indices, ordered, config)
-    return _voc_metrics(dataset, indices, ordered, config)
+    if config.dataset.kind == "coco":
+        metrics = _coco_metrics(dataset, indices, ordered, config)
+    else:
+        metrics = _voc_metrics(dataset, indices, ordered, config)
+    return Evaluation(metrics, ordered, indices)
 
 
-def _voc_metrics(dataset, indices, detections, config) -> dict[str, float]:
+def _voc_metrics(dataset, indices, detections, config: TrainingConfig) -> dict[str, float]:
     annotations = [dataset.annotations[i] for i in indices]
-    evaluation = config["evaluation"]
-    result = voc_map(detections, annotations, iou_threshold=evaluation["iou_threshold"],
-                     method=evaluation["method"])
-    metrics = {"val/map": float(result["map"])}
+    result = voc_map(detections, annotations, iou_threshold=config.evaluation.iou_threshold,
+                     method=config.evaluation.method)
+    metrics = {METRIC_MAP: float(result["map"])}
     for label, ap in result["ap"].items():
-        metrics[f"val/ap/{dataset.class_names[label - 1]}"] = float(ap)
+        metrics[metric_val(f"ap/{dataset.class_names[label - 1]}")] = float(ap)
     return metrics
 
 
-def _coco_metrics(dataset, indices, detections, config) -> dict[str, float]:
+def _coco_metrics(dataset, indices, detections, config: TrainingConfig) -> dict[str, float]:
     predictions = []
     for index, detection in zip(indices, detections):
         prediction = {"image_id": dataset.coco_image_id(index), **detection}
         if "masks" in prediction:
             prediction["masks"] = prediction["masks"][:, 0] > 0.5
         predictions.append(prediction)
-    iou_types = ("bbox", "segm") if config["model"]["detector"] == "mask_rcnn" else ("bbox",)
+    iou_types = ("bbox", "segm") if config.model.detector == "mask_rcnn" else ("bbox",)
     metrics = coco_evaluate(dataset.coco, predictions, dataset.label_to_cat_id, iou_types=iou_types)
-    return {f"val/{name}": float(value) for name, value in metrics.items()}
+    return {metric_val(name): float(value) for name, value in metrics.items()}
 
 
-def train(config, *, workdir: str | Path, logger: TrainingLogger | None = None,
-          resume: str | Path | bool | None = None, device: torch.device | str | None = None,
-          overrides=None) -> TrainResult:
-    """Train one detector as ``config`` says; checkpoints go to ``workdir/checkpoints``.
+def _resume(run: Run, resume) -> None:
+    """Load the newest loadable checkpoint of ``resume`` (a file or folder; ``True``:
+    the run's own folder, a fresh start when it holds none)."""
+    if not resume:
+        return
+    found = load_latest_checkpoint(run.checkpoint_dir if resume is True else resume)
+    if found is None and resume is not True:
+        raise ConfigError("--resume", f"{resume} holds no loadable checkpoint.",
+                          "Pass a folder or file written by an earlier run (ckpt_*.pt), or start afresh.")
+    if found is not None:
+        run.load_state_dict(found[0])
 
-    ``resume``: a checkpoint file or directory, or ``True`` for ``workdir/checkpoints``
-    (a fresh start when it holds none). ``device`` overrides ``train.device``.
+
+def train(config, *, workdir: str | Path, hooks: Iterable[TrainingHook] = (),
+          resume: str | Path | bool | None = None, device: torch.device | str | None = None) -> TrainResult:
+    """Train one detector as ``config`` says (a :class:`TrainingConfig`, or a mapping or
+    YAML path parsed into one); checkpoints go to ``workdir/checkpoints``.
+
+    ``hooks`` are called in order (see :mod:`trainers.hooks`); whatever happens —
+    divergence, an error, Ctrl-C or SIGTERM (:class:`~trainers.errors.Interrupted`) —
+    each hook's ``finish`` is called exactly once with the run's status.
+    ``resume``: a checkpoint file or directory, or ``True`` for ``workdir/checkpoints``.
+    ``device`` overrides ``train.device``.
     """
-    config = load_config(config, overrides)
-    logger = logger or TrainingLogger()
-    rank_logger = logger if (dist_utils.is_main_process() or logger.all_ranks) else TrainingLogger()
-    if not dist_utils.is_main_process():
-        logger = TrainingLogger()
-    workdir = Path(workdir)
-    checkpoint_dir = workdir / "checkpoints"
-    device = torch.device(device) if device is not None else select_device(config["train"]["device"])
-    run = _Run(config, device)
-    run.on_iteration = logger.on_iteration
-
-    position, evaluations = _Position(), []
-    if resume:
-        found = load_latest_checkpoint(checkpoint_dir if resume is True else resume)
-        if found is None and resume is not True:
-            raise FileNotFoundError(f"no loadable checkpoint at {resume}")
-        if found is not None:
-            position, evaluations = run.load_state_dict(found[0])
-    result = TrainResult(status=STATUS_OK, evaluations=evaluations,
-                         metrics=dict(evaluations[-1][1]) if evaluations else {})
-    buffer = RecordBuffer()
-
-    def flush() -> None:
-        rows = buffer.pull()
-        if not rows:
-            return
-        bad = first_non_finite(rows, "train/loss")
-        if dist_utils.is_distributed():
-            # Every rank must stop together, or the others wait forever in DDP's all-reduce.
-            flag = torch.tensor([bad is not None], dtype=torch.int32, device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if flag.item() and bad is None:
-                raise Diverged(STATUS_NAN, "non-finite loss on another rank")
-        if bad is not None:
-            rows = rows[: rows.index(bad) + 1]
-        logger.log_iterations(rows)
-        if bad is not None:
-            raise Diverged(STATUS_NAN, f"non-finite loss at iteration {bad['step']}")
-
-    def checkpoint() -> None:
-        path = None
-        if dist_utils.is_main_process():
-            # The rows a checkpoint covers are stored before its file exists: a run killed
-            # in between and resumed from that file never logs those steps again.
-            logger.wait()
-            path = save_checkpoint(run.state_dict(position, evaluations), checkpoint_dir, position.iteration)
-            result.checkpoint = path
-        rank_logger.on_checkpoint(path, position.iteration, position.epoch)
-
-    logger.start(config, position.iteration, run.schedule.total_iters)
+    config = load_config(config)
+    hooks = Hooks(hooks)
+    result = TrainResult(status=STATUS_OK)
     started = time.perf_counter()
     try:
+        device = torch.device(device) if device is not None else select_device(config.train.device)
+        run = Run(config, device, Path(workdir), hooks)
+        _resume(run, resume)
+        if run.evaluations:
+            result.metrics = dict(run.evaluations[-1][1])
+        hooks.start(config, run.position.iteration, run.schedule.total_iters)
+        _train_epochs(run, result)
+    except Diverged as exc:
+        result.status, result.reason = exc.status, exc.reason
+    except (KeyboardInterrupt, Interrupted) as exc:
+        hooks.finish(STATUS_INTERRUPTED, interruption_reason(exc), result.metrics)
+        raise
+    except BaseException as exc:
+        hooks.finish(STATUS_ERROR, f"{type(exc).__name__}: {exc}", result.metrics)
+        raise
+    result.seconds = time.perf_counter() - started
+    hooks.finish(result.status, result.reason, result.metrics)
+    return result
+
+
+def _train_epochs(run: Run, result: TrainResult) -> None:
+    """The epochs, each followed by its evaluation (when due) and a checkpoint."""
+    config, position = run.config, run.position
+    try:
         while position.iteration < run.schedule.total_iters:
-            train_one_epoch(run, position, buffer, flush, checkpoint)
-            flush()
+            train_one_epoch(run)
+            position = run.position
+            run.flush()
             epoch_done = position.epoch_batches >= run.iters_per_epoch
             finished = position.iteration >= run.schedule.total_iters
             if epoch_done:
                 run.weighting.on_epoch_end(position.epoch)
                 position.epoch += 1
                 position.epoch_batches = 0
-            every = config["train"]["eval_every"]
+            every = config.train.eval_every
             if finished or (epoch_done and every and position.epoch % every == 0):
                 # A schedule in iterations may end inside an epoch: that partial epoch counts.
                 eval_epoch = position.epoch if epoch_done else position.epoch + 1
-                metrics = evaluate(run.model, run.test_set, config, device)
-                evaluations.append((eval_epoch, metrics))
-                result.metrics = metrics
-                rank_logger.log_evaluation(eval_epoch, position.iteration, metrics)
-            checkpoint()
-    except Diverged as exc:
-        result.status, result.reason = exc.status, exc.reason
-    except BaseException as exc:
-        logger.finish(STATUS_ERROR, f"{type(exc).__name__}: {exc}", result.metrics)
-        raise
-    result.iterations = position.iteration
-    result.evaluations = evaluations
-    result.seconds = time.perf_counter() - started
-    logger.finish(result.status, result.reason, result.metrics)
-    return result
+                evaluation = evaluate(run.model, run.test_set, config, run.device)
+                run.evaluations.append((eval_epoch, evaluation.metrics))
+                result.metrics = evaluation.metrics
+                run.hooks.log_evaluation(eval_epoch, position.iteration, evaluation.metrics)
+                if finished and evaluation.detections:
+                    annotations = [run.test_set.annotations[i] for i in evaluation.image_indices]
+                    run.hooks.log_detections(evaluation.detections, annotations, evaluation.image_indices)
+            run.checkpoint()
+    finally:
+        result.iterations = run.position.iteration
+        result.evaluations = run.evaluations
+        result.checkpoint = run.last_checkpoint

@@ -47,3 +47,21 @@ class ConfigErrors(ConfigError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class Interrupted(BaseException):
+    """The process was asked to stop (SIGTERM, SIGHUP; SIGINT raises KeyboardInterrupt).
+
+    A BaseException, like KeyboardInterrupt, so ``except Exception`` blocks let it
+    through and every ``finally`` runs: runs are recorded as interrupted, not left open.
+    """
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def interruption_reason(exc: BaseException) -> str:
+    """One line for an interruption: ``interrupted by SIGTERM``."""
+    name = getattr(exc, "signal_name", None) or ("SIGINT" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
+    return f"interrupted by {name}"

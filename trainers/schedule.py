@@ -29,14 +29,15 @@ class StepSchedule:
         return lr
 
 
-def build_schedule(schedule_cfg: dict, base_lr: float, iters_per_epoch: int) -> StepSchedule:
-    """Turn the config's schedule (in epochs or iterations) into iteration counts."""
-    if schedule_cfg["unit"] == "epoch":
-        total = schedule_cfg["epochs"] * iters_per_epoch
-        steps = tuple(step * iters_per_epoch for step in schedule_cfg["steps"])
+def build_schedule(schedule, base_lr: float, iters_per_epoch: int) -> StepSchedule:
+    """Turn the config's schedule (a ``trainers.config.ScheduleConfig``, in epochs or
+    iterations) into iteration counts."""
+    if schedule.unit == "epoch":
+        total = schedule.epochs * iters_per_epoch
+        steps = tuple(step * iters_per_epoch for step in schedule.steps)
     else:
-        total = schedule_cfg["max_iters"]
-        steps = tuple(schedule_cfg["steps"])
+        total = schedule.max_iters
+        steps = tuple(schedule.steps)
     return StepSchedule(base_lr=base_lr, total_iters=total, step_iters=tuple(sorted(steps)),
-                        gamma=schedule_cfg["gamma"], warmup_iters=schedule_cfg["warmup_iters"],
-                        warmup_ratio=schedule_cfg["warmup_ratio"])
+                        gamma=schedule.gamma, warmup_iters=schedule.warmup_iters,
+                        warmup_ratio=schedule.warmup_ratio)

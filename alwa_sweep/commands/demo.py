@@ -16,7 +16,6 @@ from trainers.config import load_yaml
 from trainers.data.synthetic import make_synthetic
 from trainers.errors import ConfigError
 
-HELP = "run the CPU demo: a small real sweep (tiny Faster R-CNN, synthetic VOC), then its tables and figures"
 
 DEMO_IMAGES = 240
 QUICK_ITERS = 40

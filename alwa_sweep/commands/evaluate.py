@@ -23,7 +23,6 @@ from trainers.evaluation.coco import (SUMMARY_KEYS, evaluate_coco_results, per_c
                                       summary_metrics)
 from trainers.evaluation.voc import METHODS, voc_map
 
-HELP = "evaluate a saved detections file (VOC mAP or COCO AP) and print a per-class table"
 
 
 def add_arguments(parser) -> None:

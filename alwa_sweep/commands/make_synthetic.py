@@ -8,7 +8,6 @@ from pathlib import Path
 from alwa_sweep.sweep_paths import check_writable
 from trainers.data.synthetic import MAX_CLASSES, make_synthetic
 
-HELP = "Write a small synthetic detection dataset (real VOC or COCO layout) for tests and demos."
 
 
 def _int_at_least(minimum: int):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from trainers.errors import ConfigError
 
-HELP = "rebuild the paper's Tables 1-6 (Markdown/LaTeX) and figures from the MLflow runs"
 
 
 def add_arguments(parser) -> None:

@@ -10,7 +10,6 @@ from alwa_sweep.sweep_paths import check_address, runs_root
 from alwa_sweep.tune import load_sweep_state, print_summary, run_sweep
 from trainers.errors import ConfigError
 
-HELP = "resume an interrupted sweep (by folder or name): finished trials are not re-run"
 
 
 def add_arguments(parser) -> None:

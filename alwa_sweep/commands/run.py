@@ -12,7 +12,6 @@ from alwa_sweep.tracking import check_tracking_server, default_tracking_uri
 from alwa_sweep.tune import load_sweep_state, print_summary, run_sweep
 from trainers.errors import ConfigError
 
-HELP = "run a sweep spec with Ray Tune (local runtime by default, or --address for a cluster)"
 
 
 def add_common_arguments(parser) -> None:

@@ -10,13 +10,12 @@ from pathlib import Path
 from alwa_sweep.progress import ProgressBar
 from alwa_sweep.spec import check_datasets
 from alwa_sweep.sweep_paths import check_writable
-from alwa_sweep.tracking import (TAG_KIND, MlflowTrainingLogger, default_tracking_uri,
-                                 get_or_create_experiment, open_store)
+from alwa_sweep.tracking import MlflowHook, default_tracking_uri, get_or_create_experiment, open_store
+from reports.schema import KIND_TRAIN, STATUS_OK, TAG_KIND
 from trainers.config import load_config
 from trainers.engine import train
 from trainers.errors import ConfigError
 
-HELP = "train one detector from a config YAML (progress bar, MLflow logging, resumable)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,16 +54,14 @@ def run(args) -> int:
     check_writable(workdir, "--workdir")
     client = open_store(args.tracking_uri or default_tracking_uri())
     experiment_id = get_or_create_experiment(client, args.experiment)
-    progress = ProgressBar(run_name)
     run_id_file = workdir / "mlflow_run_id"
     if args.resume and run_id_file.exists():
-        logger = MlflowTrainingLogger(client, run_id_file.read_text().strip(), progress)
+        logger = MlflowHook(client, run_id_file.read_text().strip())
     else:
-        logger = MlflowTrainingLogger.create(client, experiment_id, run_name,
-                                             tags={TAG_KIND: "train"}, progress=progress)
+        logger = MlflowHook.create(client, experiment_id, run_name, tags={TAG_KIND: KIND_TRAIN})
         workdir.mkdir(parents=True, exist_ok=True)
         run_id_file.write_text(logger.run_id)
-    result = train(config, workdir=workdir, logger=logger, resume=args.resume)
+    result = train(config, workdir=workdir, hooks=[logger, ProgressBar(run_name)], resume=args.resume)
     print(f"status: {result.status}" + (f" ({result.reason})" if result.reason else ""))
     print(f"iterations: {result.iterations} in {result.seconds:.1f} s")
     for name, value in sorted(result.metrics.items()):
@@ -72,4 +69,4 @@ def run(args) -> int:
             print(f"{name}: {value:.4f}")
     print(f"MLflow run: {logger.run_id} (experiment {args.experiment!r}, store {client.tracking_uri})")
     print(f"checkpoints: {workdir / 'checkpoints'}")
-    return 0 if result.status == "ok" else 1
+    return 0 if result.status == STATUS_OK else 1

@@ -12,7 +12,6 @@ from alwa_sweep.sweep_paths import runs_root
 from alwa_sweep.tracking import default_tracking_uri, open_store, sqlite_path, sqlite_uri
 from trainers.errors import ConfigError
 
-HELP = "start the MLflow UI on the project's store (bound to 127.0.0.1 unless --allow-remote)"
 
 
 def add_arguments(parser) -> None:

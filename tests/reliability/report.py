@@ -211,7 +211,7 @@ def write_report(figures: Figures, out: Path, *, command: str, tests: int, secon
         "## Concurrency: one SQLite store, many writers",
         "",
         f"{conc['processes']} processes (multiprocessing, started together behind a barrier), each "
-        f"`MlflowTrainingLogger` on its own child run of one pre-created SQLite store, logging "
+        f"`MlflowHook` on its own child run of one pre-created SQLite store, logging "
         f"{conc['iterations']} iterations of rows like the engine's ({conc['metrics_per_row']} metrics) in "
         f"batches of {conc['batch']} rows: {conc['expected_values']:,} values expected, "
         f"{conc['stored_values']:,} read back with `get_metric_history` (every step of every metric "

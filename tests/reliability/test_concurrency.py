@@ -1,7 +1,7 @@
 """Many trials, one SQLite MLflow store: no metric lost, no "database is locked".
 
 Eight processes (as eight concurrent trials would) each log per-iteration rows shaped
-like the engine's through ``MlflowTrainingLogger`` into their own child run of one
+like the engine's through ``MlflowHook`` into their own child run of one
 pre-created store (written by its background thread, as in training), all starting at
 the same moment; every stored step of every metric is then read back and checked.
 """
@@ -31,9 +31,9 @@ def value(writer: int, step: int, metric: int) -> float:
 def log_like_a_trial(uri: str, run_id: str, writer: int, barrier, results) -> None:
     from mlflow.tracking import MlflowClient
 
-    from alwa_sweep.tracking import MlflowTrainingLogger
+    from alwa_sweep.tracking import MlflowHook
 
-    logger = MlflowTrainingLogger(MlflowClient(uri), run_id)
+    logger = MlflowHook(MlflowClient(uri), run_id)
     errors = []
     barrier.wait()
     started = time.perf_counter()

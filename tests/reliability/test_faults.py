@@ -25,11 +25,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from alwa_sweep.spec import load_spec
-from alwa_sweep.tracking import MlflowTrainingLogger, get_or_create_experiment, open_store, sqlite_uri
+from alwa_sweep.tracking import MlflowHook, get_or_create_experiment, open_store, sqlite_uri
 from reliability_helpers import descendants, proc_cwd, proc_title
 from trainers.checkpoint import (CorruptCheckpointError, list_checkpoints, load_checkpoint_file,
                                  load_latest_checkpoint, save_checkpoint)
-from trainers.engine import TrainingLogger, train
+from trainers.engine import TrainingHook, train
 
 # ------------------------------------------------------------------ SIGKILL of a trial
 
@@ -345,7 +345,7 @@ def train_and_die_after_checkpoint(config: dict, workdir: str, uri: str, run_id:
         return path
 
     engine.save_checkpoint = save_then_die
-    engine.train(config, workdir=workdir, logger=MlflowTrainingLogger(client, run_id))
+    engine.train(config, workdir=workdir, hooks=[MlflowHook(client, run_id)])
 
 
 @pytest.mark.slow
@@ -355,7 +355,7 @@ def test_checkpoint_is_never_ahead_of_the_stored_metrics(synthetic_voc, tmp_path
     config = _tiny_config(synthetic_voc, checkpoint_every_iters=10)
     uri = sqlite_uri(tmp_path / "mlflow.db")
     client = open_store(uri)
-    run_id = MlflowTrainingLogger.create(client, get_or_create_experiment(client, "gap"), "gap").run_id
+    run_id = MlflowHook.create(client, get_or_create_experiment(client, "gap"), "gap").run_id
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["trainers.engine", "alwa_sweep.tracking"])
     child = context.Process(target=train_and_die_after_checkpoint,
@@ -366,7 +366,7 @@ def test_checkpoint_is_never_ahead_of_the_stored_metrics(synthetic_voc, tmp_path
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["ckpt_00000010.pt"]
     stored_at_kill = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
 
-    train(config, workdir=tmp_path / "run", logger=MlflowTrainingLogger(client, run_id), resume=True)
+    train(config, workdir=tmp_path / "run", hooks=[MlflowHook(client, run_id)], resume=True)
     steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
     figures.record("sigkill", gap_stored_at_kill=len(stored_at_kill), gap_checkpoint=10, gap_expected_steps=20,
                    gap_stored_steps=len(set(steps) & set(range(1, 21))),
@@ -375,7 +375,7 @@ def test_checkpoint_is_never_ahead_of_the_stored_metrics(synthetic_voc, tmp_path
     assert sorted(steps) == list(range(1, 21))
 
 
-class _Rows(TrainingLogger):
+class _Rows(TrainingHook):
     def __init__(self, stop_at: int | None = None):
         self.rows, self.stop_at = [], stop_at
 
@@ -390,15 +390,15 @@ class _Rows(TrainingLogger):
 def test_engine_resumes_from_previous_checkpoint_when_newest_is_corrupt(synthetic_voc, tmp_path, figures):
     config = _tiny_config(synthetic_voc, checkpoint_every_iters=5)
     uninterrupted = _Rows()
-    train(config, workdir=tmp_path / "a", logger=uninterrupted)
+    train(config, workdir=tmp_path / "a", hooks=[uninterrupted])
     with pytest.raises(KeyboardInterrupt):
-        train(config, workdir=tmp_path / "b", logger=_Rows(stop_at=17))
+        train(config, workdir=tmp_path / "b", hooks=[_Rows(stop_at=17)])
     kept = list_checkpoints(tmp_path / "b" / "checkpoints")
     _truncate(kept[-1])
     previous = torch.load(kept[-2], weights_only=True)["iteration"]
     resumed = _Rows()
     with pytest.warns(UserWarning, match="skipping corrupt checkpoint") as caught:
-        result = train(config, workdir=tmp_path / "b", logger=resumed, resume=True)
+        result = train(config, workdir=tmp_path / "b", hooks=[resumed], resume=True)
     flagged = [w for w in caught if kept[-1].name in str(w.message)]
     expected = {row["step"]: row for row in uninterrupted.rows}
     equal = sum(row == expected[row["step"]] for row in resumed.rows)

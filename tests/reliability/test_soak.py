@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from alwa_sweep.tracking import MlflowTrainingLogger, get_or_create_experiment, open_store, sqlite_uri
+from alwa_sweep.tracking import MlflowHook, get_or_create_experiment, open_store, sqlite_uri
 from trainers.data.synthetic import make_synthetic
-from trainers.engine import TrainingLogger, train
+from trainers.engine import TrainingHook, train
 
 ITERATIONS = 2000
 WARM_UP = 200  # allocator pools, the DataLoader and the store's caches settle by then
@@ -28,7 +28,7 @@ def rss_mb() -> float:
         return int(handle.read().split()[1]) * PAGE / 2**20
 
 
-class MemorySampler(TrainingLogger):
+class MemorySampler(TrainingHook):
     def __init__(self):
         self.samples: list[tuple[int, float]] = []
 
@@ -44,7 +44,7 @@ def test_two_thousand_iterations_keep_memory_flat(tmp_path, figures):
     uri = sqlite_uri(tmp_path / "mlflow.db")
     client = open_store(uri)
     sampler = MemorySampler()
-    logger = MlflowTrainingLogger.create(client, get_or_create_experiment(client, "soak"), "soak", progress=sampler)
+    logger = MlflowHook.create(client, get_or_create_experiment(client, "soak"), "soak")
     config = {
         "dataset": {"kind": "voc", "root": data["root"], "train_sets": data["train_sets"],
                     "test_sets": data["test_sets"], "scale": [96, 96], "num_workers": 0},
@@ -54,7 +54,7 @@ def test_two_thousand_iterations_keep_memory_flat(tmp_path, figures):
         "train": {"batch_size": 2, "log_every": 20, "eval_every": 0, "eval_max_images": 4},
     }
     started = time.perf_counter()
-    result = train(config, workdir=tmp_path / "run", logger=logger)
+    result = train(config, workdir=tmp_path / "run", hooks=[logger, sampler])
     seconds = time.perf_counter() - started
 
     samples = dict(sampler.samples)

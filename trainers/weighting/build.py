@@ -72,5 +72,7 @@ def validate_weighting_config(cfg: Mapping | None) -> None:
 
 def build_weighting(cfg: Mapping | None) -> LossWeighting:
     """The weighting method described by the ``weighting`` config section (None or {}: ``none``)."""
+    if hasattr(cfg, "model_dump"):  # interim: typed settings
+        cfg = cfg.model_dump()
     method_class, options = _method_and_options(cfg)
     return method_class(**options)
