@@ -13,7 +13,9 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from trainers.detectors import DETECTORS, build_detector, validate_model_config
+from trainers.config import parse_model
+from trainers.detectors import DETECTORS, build_detector
+from trainers.detectors.build import check_pretrained_weights, head_losses
 from trainers.detectors.backbones import anchor_generator, imagenet_weights_path
 from trainers.detectors.retinanet import RetinaNetHeadWithHeadLosses
 from trainers.detectors.two_stage import RoIHeadsWithHeadLosses, RPNWithHeadLosses
@@ -304,9 +306,9 @@ def test_imagenet_weights_missing_is_a_config_error(tmp_path, monkeypatch):
     assert "pretrained: none" in message
 
     config = {"detector": "mask_rcnn", "backbone": "resnet101", "pretrained": "imagenet"}
-    validate_model_config(config)  # the cache is only checked when asked
+    model = parse_model(config)  # the cache is only checked when asked
     with pytest.raises(ConfigError, match="resnet101-63fe2227.pth"):
-        validate_model_config(config, check_weights=True)
+        check_pretrained_weights(model)
 
 
 def test_imagenet_weights_are_loaded_from_the_cache(tmp_path, monkeypatch):
@@ -355,19 +357,21 @@ def test_config_errors_name_the_field(override, field):
     config = tiny_config("faster_rcnn")
     config.update(override)
     with pytest.raises(ConfigError) as error:
-        validate_model_config(config)
+        parse_model(config)
     assert str(error.value).startswith(field)
 
 
 def test_validation_fills_defaults_and_build_needs_num_classes():
-    resolved = validate_model_config({"detector": "retinanet", "backbone": "tiny"})
-    assert resolved["losses"] == {"retina_reg": BoxRegressionLoss("l1", 1.0, 1.0)}
-    assert (resolved["min_size"], resolved["max_size"], resolved["pretrained"]) == (600, 1000, "none")
+    resolved = parse_model({"detector": "retinanet", "backbone": "tiny"})
+    assert head_losses(resolved) == {"retina_reg": BoxRegressionLoss("l1", 1.0, 1.0)}
+    # the sizes come from dataset.scale in a full config; pretrained defaults per backbone
+    assert (resolved.min_size, resolved.max_size, resolved.pretrained) == (None, None, "none")
+    assert parse_model({"backbone": "resnet50"}).pretrained == "imagenet"
     assert set(DETECTORS) == {"faster_rcnn", "retinanet", "mask_rcnn", "libra_rcnn", "dynamic_rcnn",
                               "double_head_rcnn"}
     with pytest.raises(ConfigError, match="model.num_classes"):
         build_detector({"detector": "retinanet", "backbone": "tiny"})
-    message = str(pytest.raises(ConfigError, validate_model_config, {"detector": "ssd"}).value)
+    message = str(pytest.raises(ConfigError, parse_model, {"detector": "ssd"}).value)
     for allowed in ("faster_rcnn", "retinanet", "mask_rcnn"):
         assert allowed in message
 

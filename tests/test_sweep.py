@@ -52,7 +52,7 @@ def test_shipped_specs_validate(path, capsys):
     spec = load_spec(path, check_paths=False)
     assert spec.trials
     if path.name != "demo.yaml":
-        assert spec.resources["workers"] * spec.resources["gpus_per_worker"] in (4, 2)
+        assert spec.resources.workers * spec.resources.gpus_per_worker in (4, 2)
         assert main(["validate", str(path)]) == 0
         assert f"trials: {len(spec.trials)}" in capsys.readouterr().out
 

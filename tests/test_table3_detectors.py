@@ -18,7 +18,9 @@ from torch import nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou
 
-from trainers.detectors import DETECTORS, build_detector, validate_model_config
+from trainers.config import parse_model
+from trainers.detectors import DETECTORS, build_detector
+from trainers.detectors.build import head_losses
 from trainers.detectors.double_head_rcnn import DoubleHeadLossWeights, DoubleHeadRoIPool, enlarge_boxes
 from trainers.detectors.dynamic_rcnn import DynamicRoIHeads
 from trainers.detectors.libra_rcnn import (
@@ -482,15 +484,16 @@ def test_double_head_scores_and_detections():
 
 
 def test_double_head_config():
-    assert validate_model_config(tiny_model_config("double_head_rcnn"))["double_head"] == DoubleHeadLossWeights()
-    resolved = validate_model_config(tiny_model_config("double_head_rcnn", double_head={"lambda_fc": 0.7}))
-    assert resolved["double_head"] == DoubleHeadLossWeights(lambda_fc=0.7)
+    assert DoubleHeadLossWeights(**parse_model(tiny_model_config("double_head_rcnn")).double_head) \
+        == DoubleHeadLossWeights()
+    resolved = parse_model(tiny_model_config("double_head_rcnn", double_head={"lambda_fc": 0.7}))
+    assert DoubleHeadLossWeights(**resolved.double_head) == DoubleHeadLossWeights(lambda_fc=0.7)
     for extra, field in [({"double_head": {"lambda_fc": 1.2}}, "model.double_head.lambda_fc"),
                          ({"double_head": {"lambda": 0.5}}, "model.double_head.lambda"),
                          ({"double_head": {"fc_weight": -1}}, "model.double_head.fc_weight"),
                          ({"detector": "faster_rcnn", "double_head": {}}, "model.double_head")]:
         with pytest.raises(ConfigError) as error:
-            validate_model_config({**tiny_model_config("double_head_rcnn"), **extra})
+            parse_model({**tiny_model_config("double_head_rcnn"), **extra})
         assert str(error.value).startswith(field)
 
 
@@ -498,21 +501,21 @@ def test_double_head_config():
 
 
 def test_default_roi_losses_and_how_a_user_override_merges():
-    losses = {d: validate_model_config(tiny_model_config(d))["losses"] for d in TABLE3}
+    losses = {d: head_losses(parse_model(tiny_model_config(d))) for d in TABLE3}
     assert losses["libra_rcnn"]["roi_reg"] == BalancedL1RegressionLoss()
     assert losses["dynamic_rcnn"]["roi_reg"] == BoxRegressionLoss("smooth_l1", beta=1.0)
     assert losses["double_head_rcnn"]["roi_reg"] == BoxRegressionLoss("smooth_l1", beta=1.0)
     assert all(losses[d]["rpn_reg"] == BoxRegressionLoss("l1") for d in TABLE3)  # the RPN keeps L1
-    merged = validate_model_config(tiny_model_config("libra_rcnn", losses={"roi_reg": {"loss_weight": 2.0}}))
-    assert merged["losses"]["roi_reg"] == BalancedL1RegressionLoss(loss_weight=2.0)
-    replaced = validate_model_config(tiny_model_config("libra_rcnn", losses={"roi_reg": {"type": "giou"}}))
-    assert replaced["losses"]["roi_reg"] == BoxRegressionLoss("giou")
+    merged = parse_model(tiny_model_config("libra_rcnn", losses={"roi_reg": {"loss_weight": 2.0}}))
+    assert head_losses(merged)["roi_reg"] == BalancedL1RegressionLoss(loss_weight=2.0)
+    replaced = parse_model(tiny_model_config("libra_rcnn", losses={"roi_reg": {"type": "giou"}}))
+    assert head_losses(replaced)["roi_reg"] == BoxRegressionLoss("giou")
     # Faster R-CNN keeps its L1 default.
-    assert validate_model_config(tiny_model_config("faster_rcnn"))["losses"]["roi_reg"] == BoxRegressionLoss("l1")
+    assert head_losses(parse_model(tiny_model_config("faster_rcnn")))["roi_reg"] == BoxRegressionLoss("l1")
     with pytest.raises(ConfigError, match="model.losses.roi_reg.beta"):
-        validate_model_config(tiny_model_config("dynamic_rcnn", losses={"roi_reg": {"beta": 0}}))
+        parse_model(tiny_model_config("dynamic_rcnn", losses={"roi_reg": {"beta": 0}}))
     assert set(TABLE3) <= set(DETECTORS)
-    assert "libra_rcnn" in str(pytest.raises(ConfigError, validate_model_config, {"detector": "ssd"}).value)
+    assert "libra_rcnn" in str(pytest.raises(ConfigError, parse_model, {"detector": "ssd"}).value)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

@@ -108,8 +108,9 @@ class ModelConfig(Section):
 
     detector: Literal[DETECTORS] = "faster_rcnn"
     backbone: Literal["tiny", "resnet50", "resnet101"] = "resnet50"
-    pretrained: Literal["none", "imagenet"] = Field(
-        "imagenet", description="ImageNet weights from the torch hub cache (never downloaded)")
+    pretrained: Optional[Literal["none", "imagenet"]] = Field(
+        None, description="ImageNet weights from the torch hub cache (never downloaded); "
+        "default imagenet for ResNets (the paper's), none for the tiny backbone")
     num_classes: Optional[int] = Field(None, ge=1, le=10_000, description="default: the dataset's classes")
     min_size: Optional[int] = Field(None, ge=1, le=8192, description="default: the short side of dataset.scale")
     max_size: Optional[int] = Field(None, ge=1, le=8192, description="default: the long side of dataset.scale")
@@ -125,6 +126,8 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _resolve(self) -> "ModelConfig":
         """Each head's regression loss resolved (the detector's default under the user's)."""
+        if self.pretrained is None:
+            self.pretrained = "none" if self.backbone == "tiny" else "imagenet"
         if self.backbone == "tiny" and self.pretrained == "imagenet":
             raise ConfigError("model.pretrained", "the tiny backbone has no ImageNet weights.",
                               "Use pretrained: none.")
@@ -135,6 +138,16 @@ class ModelConfig(Section):
 
         self.losses, self.double_head = resolve_model_losses(self.detector, self.losses, self.double_head)
         return self
+
+
+def parse_model(raw) -> "ModelConfig":
+    """A ``model:`` section alone (tests, tools), errors as :func:`parse_config`'s."""
+    if isinstance(raw, ModelConfig):
+        return raw
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise errors_from_validation(exc, ModelConfig, "model.") from None
 
 
 class OptimizerConfig(Section):
@@ -261,6 +274,10 @@ def errors_from_validation(exc: ValidationError, model_class: type[BaseModel], w
             problems.append(_prefixed(inner, where))
             continue
         loc = _readable_loc(error["loc"])
+        if error["type"] == "union_tag_invalid":  # the weighting section's discriminator, `method`
+            given = error.get("input")
+            loc = (*loc, "method")
+            error = {**error, "input": given.get("method") if isinstance(given, dict) else given}
         field = ".".join(str(part) for part in loc) or "config"
         problems.append(ConfigError(f"{where}{field}", *_describe(error, model_class, loc)))
     unique = list({str(p): p for p in problems}.values())
@@ -286,7 +303,8 @@ def _describe(error: dict, model_class: type[BaseModel], loc: tuple) -> tuple[st
     if kind == "missing":
         return "is missing.", "Set it."
     if kind in ("union_tag_invalid", "literal_error"):
-        expected = (error.get("ctx") or {}).get("expected", "")
+        context = error.get("ctx") or {}
+        expected = context.get("expected_tags") or context.get("expected", "")
         return f"unknown value {shown}.", f"Allowed values: {expected}."
     message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     if kind in ("finite_number",):
@@ -338,7 +356,7 @@ def _weighting_keys(error: dict) -> list[str]:
 
 
 def _prefixed(exc: UserInputError, where: str) -> UserInputError:
-    if not where:
+    if not where or exc.where.startswith(where):
         return exc
     if isinstance(exc, ConfigErrors):
         return ConfigErrors([_prefixed(e, where) for e in exc.errors])

@@ -32,7 +32,6 @@ import os
 from functools import partial
 from typing import Callable
 
-from pydantic import ValidationError
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -106,6 +105,11 @@ def _over_default(default: dict | None, user):
     return {**default, **user}
 
 
+def head_losses(model) -> dict:
+    """Each regression head's :class:`~trainers.losses.BoxRegressionLoss` (resolved settings)."""
+    return {head: regression_loss_from_config(loss, f"model.losses.{head}") for head, loss in model.losses.items()}
+
+
 def check_pretrained_weights(model) -> None:
     """ImageNet weights, when asked for, must be in this machine's torch hub cache
     (nothing is downloaded): a ConfigError saying where the file goes otherwise."""
@@ -116,13 +120,9 @@ def check_pretrained_weights(model) -> None:
 def build_detector(model) -> nn.Module:
     """The detector of a ``model`` section (a :class:`~trainers.config.ModelConfig`, or
     a mapping, parsed into one); train forward → dict of raw head losses."""
-    from trainers.config import ModelConfig, errors_from_validation
+    from trainers.config import parse_model
 
-    if not isinstance(model, ModelConfig):
-        try:
-            model = ModelConfig.model_validate(model)
-        except ValidationError as exc:
-            raise errors_from_validation(exc, ModelConfig, "model.") from None
+    model = parse_model(model)
     if model.num_classes is None:
         raise ConfigError(
             "model.num_classes", "is required to build a detector.", "Set it to the number of object classes."
@@ -130,8 +130,7 @@ def build_detector(model) -> nn.Module:
     cfg = model.model_dump()
     cfg["min_size"] = model.min_size or 600
     cfg["max_size"] = model.max_size or 1000
-    cfg["losses"] = {head: regression_loss_from_config(loss, f"model.losses.{head}")
-                     for head, loss in model.losses.items()}
+    cfg["losses"] = head_losses(model)
     if model.double_head is not None:
         cfg["double_head"] = DoubleHeadLossWeights(**model.double_head)
     return DETECTORS[model.detector](cfg)
