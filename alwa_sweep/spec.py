@@ -36,7 +36,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -85,7 +85,8 @@ class SpecFile(Section):
     description: str = ""
     experiment: Optional[str] = Field(None, min_length=1, max_length=250)
     base: dict[str, Any]
-    grid: Union[dict[str, list[Any]], list[dict[str, list[Any]]]]
+    grid: Any = Field(description="a mapping axis → list of values (one product), or a list of such mappings "
+                      "(a union of products)")
     seeds: Optional[list[int]] = Field(None, min_length=1, max_length=1000)
     resources: Resources = Field(default_factory=Resources)
     scheduler: Scheduler = Field(default_factory=Scheduler)
@@ -102,6 +103,13 @@ class SpecFile(Section):
         if seeds is not None and any(not 0 <= s <= MAX_SEED for s in seeds):
             raise ValueError(f"seeds must be integers in [0, {MAX_SEED}]")
         return seeds
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name):
+        if name is not None and not any(c.isalnum() for c in name):
+            raise ValueError("a name needs a letter or digit (it names folders)")
+        return name
 
     @field_validator("experiment")
     @classmethod
@@ -212,7 +220,8 @@ def _axis_overrides(axis: str, value: Any) -> dict:
 def grid_size(grid, seeds=None) -> int:
     """How many grid points (before duplicates are dropped), without expanding them."""
     blocks = grid if isinstance(grid, list) else [grid]
-    points = sum(math.prod(len(values) for values in block.values()) for block in blocks if block)
+    points = sum(math.prod(len(values) if isinstance(values, list) else 1 for values in block.values())
+                 for block in blocks if isinstance(block, dict))
     return points * (len(seeds) if seeds and (len(seeds) > 1 or seeds != [0]) else 1)
 
 
@@ -225,14 +234,14 @@ def expand_grid(grid, seeds=None) -> list[dict]:
     combos: list[dict] = []
     for index, block in enumerate(blocks):
         where = f"grid[{index}]" if isinstance(grid, list) else "grid"
-        if not block:
-            raise ConfigError(where, "must be a non-empty mapping of axis → list of values.",
+        if not isinstance(block, dict) or not block:
+            raise ConfigError(where, f"must be a non-empty mapping of axis → list of values, got {block!r:.80}.",
                               "Example: {weighting.method: [none, alwa]}")
         axes = []
         for axis, values in block.items():
-            if not values:
-                raise ConfigError(f"{where}.{axis}", "is an empty list of values.",
-                                  "Give at least one value, e.g. [1, 2].")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}.{axis}", f"expected a non-empty list of values, got {values!r:.80}.",
+                                  "Write the values as a YAML list, e.g. [1, 2].")
             axes.append([(axis, value) for value in values])
         for choice in itertools.product(*axes):
             combos.append({axis: value for axis, value in choice})

@@ -12,7 +12,7 @@ from alwa_sweep.spec import load_spec
 from alwa_sweep.sweep_paths import check_writable
 from alwa_sweep.tracking import sqlite_uri
 from alwa_sweep.tune import print_summary, run_sweep
-from trainers.config import load_yaml
+from trainers.yamlio import load_yaml
 from trainers.data.synthetic import make_synthetic
 from trainers.errors import ConfigError
 

@@ -73,7 +73,7 @@ def test_sigkilled_trial_restarts_from_its_checkpoint_and_logs_once(synthetic_vo
     spec_dict = _kill_spec("data/VOCdevkit")
     assert synthetic_voc["train_sets"] == ["2007/trainval"] and synthetic_voc["test_sets"] == ["2007/test"]
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec_dict))
-    keys = {t.config["weighting"]["method"]: t.key for t in load_spec(spec_dict, check_paths=False).trials}
+    keys = {t.config.weighting.method: t.key for t in load_spec(spec_dict, check_paths=False).trials}
     victim_key = keys["alwa"]
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}

@@ -158,7 +158,7 @@ def test_yaml_tags_that_would_run_code_are_refused(tmp_path, figures):
 
 
 def test_ui_binds_loopback_by_default_and_offers_basic_auth(figures):
-    args = build_parser().parse_args(["ui"])
+    args = build_parser(["ui"]).parse_args(["ui"])
     assert args.host == "127.0.0.1" and not args.allow_remote and not args.basic_auth
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.10") and not is_loopback("example.org")
@@ -209,13 +209,13 @@ def test_relative_dataset_paths_resolve_against_the_launch_directory(synthetic_v
     spec = load_spec(_spec("data/VOCdevkit"))
     expected = str(tmp_path / "data" / "VOCdevkit")
     assert spec.base["dataset"]["root"] == expected  # what spec.yaml keeps for `resume`
-    assert [t.config["dataset"]["root"] for t in spec.trials] == [expected]
+    assert [t.config.dataset.root for t in spec.trials] == [expected]
     config = load_config(_spec("data/VOCdevkit")["base"])
-    assert config["dataset"]["root"] == expected
+    assert config.dataset.root == expected
     coco = load_config(_spec(None, kind="coco", train_ann="a.json", train_images="imgs", val_ann="b.json",
-                                val_images="imgs")["base"], check_paths=False)
-    assert coco["dataset"]["train_ann"] == str(tmp_path / "a.json")
-    assert coco["dataset"]["val_images"] == str(tmp_path / "imgs")
+                                val_images="imgs")["base"])
+    assert coco.dataset.train_ann == str(tmp_path / "a.json")
+    assert coco.dataset.val_images == str(tmp_path / "imgs")
     figures.add_row("security", {"check": "relative dataset paths (`root: data/VOCdevkit`, COCO files)",
                                  "result": "made absolute against the launch directory when the spec or config "
                                            "is read, so a Tune trial (run in its own folder) opens what the "
