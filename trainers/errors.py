@@ -34,3 +34,11 @@ def choice_error(field: str, value, allowed) -> ConfigError:
     """The error for a value outside a fixed set, listing the allowed values."""
     allowed_list = ", ".join(sorted(str(a) for a in allowed))
     return ConfigError(field, f"unknown value {value!r}.", f"Allowed values: {allowed_list}.")
+
+
+class CheckpointWriteError(UserInputError):
+    """A checkpoint could not be written (disk full, permissions, ...); nothing partial is left."""
+
+
+class NoResumableCheckpointError(UserInputError):
+    """``--resume`` points at a folder without any intact checkpoint."""

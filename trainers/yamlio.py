@@ -116,7 +116,8 @@ def _check_keys(node, path: str = "") -> None:
             line = key_node.start_mark.line + 1
             if key_node.tag == _MERGE_TAG:
                 raise _RefusedConstruct(f"line {line}: merge keys (<<) are not allowed.",
-                                        "Write the merged keys out in full.")
+                                        "Write the merged keys out in full (or quote \"<<\" if "
+                                        "you mean that name).")
             if not isinstance(key_node, ScalarNode):
                 raise _RefusedConstruct(f"line {line}: a key{_at(where)} is a "
                                         f"{'list' if isinstance(key_node, SequenceNode) else 'mapping'}"
