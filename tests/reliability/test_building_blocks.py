@@ -48,7 +48,7 @@ HOLDER = """
 """
 
 
-def test_second_writer_fails_at_once_naming_the_holder_and_sigkill_releases(tmp_path):
+def test_second_writer_fails_at_once_naming_the_holder_and_sigkill_releases(tmp_path, figures):
     from alwa_sweep.locks import FolderLock, FolderLockedError, read_holder
     from trainers.errors import ConfigError
 
@@ -76,6 +76,11 @@ def test_second_writer_fails_at_once_naming_the_holder_and_sigkill_releases(tmp_
         with FolderLock(folder, what="sweep folder") as lock:
             assert lock.held and read_holder(folder)["pid"] == os.getpid()
         assert read_holder(folder) == {}  # released: the file no longer names a holder
+        figures.add_row("building_blocks", {
+            "piece": "alwa_sweep.locks.FolderLock",
+            "input": "a second writer while a real process holds the folder; then the holder SIGKILLed",
+            "result": f"refused in {waited * 1000:.1f} ms naming pid and host; after SIGKILL the lock was free "
+                      "at once (no stale lock)"})
     finally:
         if holder.poll() is None:
             holder.kill()
@@ -150,7 +155,7 @@ SIGNALLED = """
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_signal_raises_terminated_cleanup_survives_a_second_one(signum, tmp_path):
+def test_signal_raises_terminated_cleanup_survives_a_second_one(signum, tmp_path, figures):
     child = _python(SIGNALLED, tmp_path)
     try:
         _wait_for(tmp_path / "ready")
@@ -169,9 +174,14 @@ def test_signal_raises_terminated_cleanup_survives_a_second_one(signum, tmp_path
                       "reason": f"terminated by {name}", "repeats": 1, "exit_code": 128 + signum,
                       "restored": True, "state_reset": True}
     assert "received again" in err and "Traceback" not in err
+    figures.add_row("building_blocks", {
+        "piece": "alwa_sweep.signals.terminate_on_signals",
+        "input": f"{name} to a real process inside two nested blocks, then SIGINT during its cleanup",
+        "result": f"Terminated raised once, cleanup finished (the second signal counted, not raised), "
+                  f"handlers restored, exit code {child.returncode}"})
 
 
-def test_signal_ends_a_real_mlflow_run_as_killed_with_a_reason(tmp_path):
+def test_signal_ends_a_real_mlflow_run_as_killed_with_a_reason(tmp_path, figures):
     """The use the lead wires in: ``finally`` ends the run KILLED with the signal as reason."""
     from mlflow.tracking import MlflowClient
 
@@ -215,6 +225,11 @@ def test_signal_ends_a_real_mlflow_run_as_killed_with_a_reason(tmp_path):
     run = MlflowClient(store).get_run((tmp_path / "run_id").read_text())
     assert run.info.status == "KILLED"
     assert run.data.tags[TAG_REASON] == "terminated by SIGTERM"
+    figures.add_row("building_blocks", {
+        "piece": "alwa_sweep.signals + MLflow",
+        "input": "SIGTERM to a process with a RUNNING MLflow run (SQLite store)",
+        "result": f"run {run.info.status}, {TAG_REASON} = {run.data.tags[TAG_REASON]!r}, exit code "
+                  f"{child.returncode}"})
 
 
 def test_outside_the_main_thread_it_installs_nothing():
@@ -236,7 +251,7 @@ def test_outside_the_main_thread_it_installs_nothing():
 
 
 # ------------------------------------------------------------------------ checkpoints
-def test_disk_full_while_checkpointing_removes_the_partial_file(tmp_path, monkeypatch):
+def test_disk_full_while_checkpointing_removes_the_partial_file(tmp_path, monkeypatch, figures):
     from trainers import checkpoint
     from trainers.errors import CheckpointWriteError, UserInputError
 
@@ -258,6 +273,11 @@ def test_disk_full_while_checkpointing_removes_the_partial_file(tmp_path, monkey
     assert "ckpt_00000003.pt" in message and "No space left on device" in message
     assert "MiB free" in message and "Free some disk space" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no .tmp, nothing renamed
+    figures.add_row("building_blocks", {
+        "piece": "trainers.checkpoint.save_checkpoint",
+        "input": "OSError(ENOSPC) after torch.save wrote part of the file; EDQUOT on the digest",
+        "result": "CheckpointWriteError naming the folder and its free space; 0 files left behind, "
+                  "the previous checkpoints load"})
     loaded, path = checkpoint.load_latest_checkpoint(tmp_path)
     assert path.name == "ckpt_00000002.pt" and torch.equal(loaded["w"], state["w"])
 
@@ -358,7 +378,7 @@ def voc_copy(synthetic_voc, tmp_path):
     return tmp_path / "VOCdevkit"
 
 
-def test_dataset_images_are_opened_and_bad_files_named(voc_copy):
+def test_dataset_images_are_opened_and_bad_files_named(voc_copy, figures):
     from trainers.data import VOCDetection
     from trainers.data.checks import check_dataset_images
     from trainers.errors import DatasetError
@@ -368,6 +388,11 @@ def test_dataset_images_are_opened_and_bad_files_named(voc_copy):
     assert check_dataset_images(dataset) == len(dataset.annotations)
     per_image_ms = 1000 * (time.perf_counter() - started) / len(dataset.annotations)
     assert per_image_ms < 5
+    figures.add_row("building_blocks", {
+        "piece": "trainers.data.checks.check_dataset_images",
+        "input": "0-byte, half-truncated, 200-byte and non-JPEG image files; a size differing from <size>",
+        "result": f"each a DatasetError naming the file; headers of the intact set: {per_image_ms:.2f} ms "
+                  "per image"})
     jpeg = dataset.image_paths[1]
     original = jpeg.read_bytes()
     for content, words in [(b"", "is empty (0 bytes)"),
@@ -467,7 +492,7 @@ def test_voc_boxes_outside_the_image_and_infinite_numbers_are_refused(voc_copy):
     (["evaluate", "--dataset", "voc", "--detections", ""], "--detections"),
 ])
 def test_bad_cli_numbers_are_one_paragraph_exit_2_before_anything_is_written(argv, field, tmp_path,
-                                                                             capsys, monkeypatch):
+                                                                             capsys, monkeypatch, figures):
     from alwa_sweep.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -483,3 +508,6 @@ def test_bad_cli_numbers_are_one_paragraph_exit_2_before_anything_is_written(arg
     assert message.startswith("error:") and "\n" not in message, message
     assert field in message and "Traceback" not in out + err
     assert not (tmp_path / "out").exists()
+    shown = " ".join(a if len(a) < 30 else a[:12] + "…" for a in argv if not a.startswith(str(tmp_path)))
+    figures.add_row("building_blocks", {"piece": f"alwa-sweep {argv[0]}", "input": shown,
+                                        "result": f"exit {code}: {message[:110]}"})
