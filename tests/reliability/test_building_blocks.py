@@ -463,6 +463,14 @@ def test_voc_boxes_outside_the_image_and_infinite_numbers_are_refused(voc_copy):
     xml.write_text(text.replace("<width>128</width>", "<width>0</width>"))
     with pytest.raises(DatasetError, match="must be positive"):
         parse_voc_xml(xml, classes)
+    # An entity-expansion ("billion laughs") XML: expat's amplification limit stops it.
+    entities = '<!ENTITY a0 "lol">' + "".join(f'<!ENTITY a{i} "{f"&a{i - 1};" * 10}">' for i in range(1, 10))
+    xml.write_text(f'<?xml version="1.0"?><!DOCTYPE annotation [{entities}]><annotation><size>'
+                   '<width>&a9;</width><height>9</height></size></annotation>')
+    started = time.perf_counter()
+    with pytest.raises(DatasetError, match="malformed XML"):
+        parse_voc_xml(xml, classes)
+    assert time.perf_counter() - started < 5
 
 
 # ----------------------------------------------------------------------- CLI numbers
