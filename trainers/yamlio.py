@@ -101,6 +101,11 @@ class _Loader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+# A plain `=` or `<<` used as a value is text (PyYAML has no constructor for these tags).
+_Loader.add_constructor("tag:yaml.org,2002:value", yaml.SafeLoader.construct_yaml_str)
+_Loader.add_constructor(_MERGE_TAG, yaml.SafeLoader.construct_yaml_str)
+
+
 def _check_keys(node, path: str = "") -> None:
     """Keys are plain strings, none repeated in a mapping (walks the composed tree)."""
     stack = [(node, path)]

@@ -237,6 +237,7 @@ def test_set_values_never_raise_anything_but_config_error(text):
 def test_set_value_policy():
     assert parse_set_value("") == "" and parse_set_value("a: b: c") == "a: b: c"
     assert math.isnan(parse_set_value(".nan"))
+    assert parse_set_value("=") == "=" and loads_yaml("a: <<\nb: =\n", "s.yaml") == {"a": "<<", "b": "="}
     for bad, words in [("*x", "aliases"), ("&a 1", "anchors"), ("{a: 1, a: 2}", "duplicate key 'a'"),
                        ("{1: a}", "read as an integer"), ("x" * 70_000, "limit"), ("a\0b", "NUL"),
                        ("!!python/name:os.system", "remove the tag"), ("a\x07", "control")]:
