@@ -65,3 +65,11 @@ def interruption_reason(exc: BaseException) -> str:
     """One line for an interruption: ``interrupted by SIGTERM``."""
     name = getattr(exc, "signal_name", None) or ("SIGINT" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
     return f"interrupted by {name}"
+
+
+class CheckpointWriteError(UserInputError):
+    """A checkpoint could not be written (disk full, permissions, ...); nothing partial is left."""
+
+
+class NoResumableCheckpointError(UserInputError):
+    """``--resume`` points at a folder without any intact checkpoint."""

@@ -9,6 +9,7 @@ COCO detections file: the standard COCO results JSON, a list of ``{"image_id",
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alwa_sweep.commands.argcheck import float_in, one_paragraph_errors
 from trainers.errors import ConfigError, DatasetError
 from trainers.evaluation.coco import (SUMMARY_KEYS, evaluate_coco_results, per_category_ap,
                                       summary_metrics)
@@ -25,31 +27,64 @@ from trainers.evaluation.voc import METHODS, voc_map
 
 
 
+def _voc_set(text: str) -> str:
+    """An argparse type: ``YEAR/SPLIT``."""
+    from trainers.data.voc import parse_voc_set
+
+    try:
+        parse_voc_set(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _nonempty_path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
 def add_arguments(parser) -> None:
+    one_paragraph_errors(parser)
     parser.add_argument("--dataset", choices=("voc", "coco"), required=True,
                         help="ground-truth format")
-    parser.add_argument("--detections", required=True, metavar="FILE",
+    parser.add_argument("--detections", required=True, metavar="FILE", type=_nonempty_path,
                         help="detections JSON; VOC: a list of {image_id (VOC id string), "
                              "class (name) or label (1..20), bbox [x1,y1,x2,y2], score}; "
                              "COCO: the standard results list {image_id, category_id, "
                              "bbox [x,y,w,h], score}")
     voc = parser.add_argument_group("VOC")
-    voc.add_argument("--voc-root", metavar="DIR", help="VOCdevkit folder (holds VOC2007/ ...)")
-    voc.add_argument("--sets", action="append", metavar="YEAR/SPLIT",
+    voc.add_argument("--voc-root", metavar="DIR", type=_nonempty_path, help="VOCdevkit folder (holds VOC2007/ ...)")
+    voc.add_argument("--sets", action="append", metavar="YEAR/SPLIT", type=_voc_set,
                      help="image set(s) to evaluate on, repeatable (default: 2007/test)")
     voc.add_argument("--method", choices=METHODS, default="11point",
                      help="11point (VOC2007 metric, the paper's) or area (VOC2010+)")
-    voc.add_argument("--iou", type=float, default=0.5, help="IoU threshold (default: 0.5)")
+    voc.add_argument("--iou", type=float_in(0.0, 1.0, lo_open=True), default=0.5,
+                     help="IoU threshold, in (0, 1] (default: 0.5)")
     voc.add_argument("--legacy-coordinates", action="store_true",
                      help="box sizes x2-x1+1 as in the devkit / py-faster-rcnn "
                           "(default: x2-x1, mmdetection 2.x)")
     coco = parser.add_argument_group("COCO")
-    coco.add_argument("--ann-file", metavar="FILE", help="COCO instances_*.json ground truth")
+    coco.add_argument("--ann-file", metavar="FILE", type=_nonempty_path, help="COCO instances_*.json ground truth")
     coco.add_argument("--iou-type", choices=("bbox", "segm"), default="bbox",
                       help="what the results hold (default: bbox)")
 
 
 def run(args) -> int:
+    if args.dataset == "coco":
+        unused = [flag for flag, value, default in (("--voc-root", args.voc_root, None),
+                                                    ("--sets", args.sets, None),
+                                                    ("--method", args.method, "11point"),
+                                                    ("--iou", args.iou, 0.5),
+                                                    ("--legacy-coordinates", args.legacy_coordinates, False))
+                  if value != default]
+        if unused:
+            raise ConfigError(unused[0], "is a VOC option; it has no effect with --dataset coco.",
+                              "Remove it (COCO AP averages IoU 0.50:0.95 itself).")
+    elif args.ann_file is not None or args.iou_type != "bbox":
+        flag = "--ann-file" if args.ann_file is not None else "--iou-type"
+        raise ConfigError(flag, "is a COCO option; it has no effect with --dataset voc.",
+                          "Remove it, or use --dataset coco.")
     if args.dataset == "voc":
         return run_voc(args)
     return run_coco(args)
@@ -62,8 +97,8 @@ def run_voc(args) -> int:
     if not args.voc_root:
         raise ConfigError("--voc-root", "is required with --dataset voc.",
                           "Point it at the VOCdevkit folder.")
-    if not 0.0 <= args.iou <= 1.0:
-        raise ConfigError("--iou", f"must be in [0, 1], got {args.iou}.")
+    if not (math.isfinite(args.iou) and 0.0 < args.iou <= 1.0):
+        raise ConfigError("--iou", f"must be a number in (0, 1], got {args.iou}.")
     sets = []
     for text in args.sets or ["2007/test"]:
         try:
@@ -247,6 +282,8 @@ def _read_json(path: Path):
             return json.load(handle)
     except json.JSONDecodeError as exc:
         raise DatasetError(str(path), f"not valid JSON ({exc}).") from exc
+    except RecursionError:
+        raise DatasetError(str(path), "not valid JSON for this purpose: nested too deeply.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(str(path), f"cannot read the file ({exc}).") from exc
 

@@ -231,6 +231,11 @@ def write_report(figures: Figures, out: Path, *, command: str, tests: int, secon
         "(`tune/tuner.pkl`, pickled by Ray) from the sweep folder, so a sweep folder must be as trusted as "
         "the code; checkpoints, specs and configs are never unpickled or evaluated.",
     ]
+    if figures.has("building_blocks"):  # issue 16's standalone pieces (test_building_blocks.py, test_properties.py)
+        lines += ["", "## Building blocks: locks, signals, strict YAML, checkpoint writes, dataset files", "",
+                  "| piece | what was done | measured |", "|---|---|---|"]
+        for row in figures.load("building_blocks")["rows"]:
+            lines.append(f"| {_md(row['piece'])} | {_md(row['input'])} | {_md(row['result'])} |")
     lines += [
         "",
         "## Soak: the engine over a long run",

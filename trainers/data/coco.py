@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -61,6 +62,14 @@ class COCODetection(torch.utils.data.Dataset):
                 continue
             self.image_ids.append(coco_image_id)
             self._records.append(record)
+        if not self._records:
+            crowd = sum(1 for a in data["annotations"] if a.get("iscrowd", 0))
+            raise DatasetError(str(self.ann_file),
+                               f"holds no image usable for {'training' if train else 'testing'}: "
+                               f"{len(data['images'])} images, {len(data['annotations'])} "
+                               f"annotations, {crowd} of them crowd regions (training needs "
+                               "non-crowd objects of at least 1x1 pixel inside the image).",
+                               "Check that this is the right annotation file.")
         self._check_images_exist()
 
     def coco_image_id(self, index: int) -> int:
@@ -166,6 +175,9 @@ def _load_json(path: Path):
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(str(path), f"not valid JSON ({exc}).",
                            "Replace the file with the dataset's original copy.") from exc
+    except RecursionError:
+        raise DatasetError(str(path), "not valid COCO JSON: nested too deeply.",
+                           "Replace the file with the dataset's original copy.") from None
     except OSError as exc:
         raise DatasetError(str(path), f"cannot read the file ({exc}).") from exc
 
@@ -182,31 +194,48 @@ def _check_coco_structure(data, path: Path, with_masks: bool) -> None:
         raise DatasetError(where, "'annotations' is not a list.")
 
     image_ids = set()
-    for image in data["images"]:
-        try:
-            ok = (isinstance(image["id"], int) and isinstance(image["file_name"], str)
-                  and int(image["width"]) > 0 and int(image["height"]) > 0)
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
+    for position, image in enumerate(data["images"]):
+        if not isinstance(image, dict):
+            raise DatasetError(where, f"images[{position}] is not an object: {str(image)[:80]}.")
+        image_id = image.get("id")
+        if not _is_int(image_id) or not isinstance(image.get("file_name"), str) \
+                or not image["file_name"]:
             raise DatasetError(where, f"image entry {str(image)[:120]} needs an integer 'id', "
                                "a 'file_name' and positive 'width'/'height'.")
-        image_ids.add(image["id"])
+        if image_id in image_ids:
+            raise DatasetError(where, f"image id {image_id} appears twice in 'images'.",
+                               "Give every image its own id.")
+        for field in ("width", "height"):
+            value = image.get(field)
+            if not (_is_int(value) and 0 < value <= MAX_IMAGE_SIDE):
+                raise DatasetError(where, f"image id {image_id}: '{field}' must be an integer in "
+                                   f"1..{MAX_IMAGE_SIDE}, got {value!r}"
+                                   f"{_type_note(value)}.",
+                                   "Write the image's size in pixels as a JSON number.")
+        image_ids.add(image_id)
     category_ids = set()
     for category in data["categories"]:
-        if not isinstance(category, dict) or not isinstance(category.get("id"), int) \
-                or "name" not in category:
+        if not isinstance(category, dict) or not _is_int(category.get("id")) \
+                or not isinstance(category.get("name"), str):
             raise DatasetError(where, f"category entry {str(category)[:120]} needs an "
                                "integer 'id' and a 'name'.")
+        if category["id"] in category_ids:
+            raise DatasetError(where, f"category id {category['id']} appears twice in "
+                               "'categories'.", "Give every category its own id.")
         category_ids.add(category["id"])
     if not category_ids:
         raise DatasetError(where, "defines no category.")
 
+    ann_ids = set()
     for ann in data["annotations"]:
         ann_id = ann.get("id") if isinstance(ann, dict) else None
         what = f"annotation id {ann_id}"
-        if ann_id is None:
-            raise DatasetError(where, f"annotation entry {str(ann)[:120]} has no 'id'.")
+        if not _is_int(ann_id):
+            raise DatasetError(where, f"annotation entry {str(ann)[:120]} has no integer 'id'.")
+        if ann_id in ann_ids:
+            raise DatasetError(where, f"annotation id {ann_id} appears twice.",
+                               "Give every annotation its own id.")
+        ann_ids.add(ann_id)
         if ann.get("image_id") not in image_ids:
             raise DatasetError(where, f"{what}: image_id {ann.get('image_id')!r} is not in "
                                "'images'.")
@@ -214,12 +243,37 @@ def _check_coco_structure(data, path: Path, with_masks: bool) -> None:
             raise DatasetError(where, f"{what}: category_id {ann.get('category_id')!r} is "
                                "not in 'categories'.")
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4
-                and all(isinstance(v, (int, float)) for v in bbox)):
-            raise DatasetError(where, f"{what}: bbox must be [x, y, width, height], got {bbox!r}.")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_finite(v) for v in bbox)):
+            raise DatasetError(where, f"{what}: bbox must be [x, y, width, height], got {bbox!r}.",
+                               "Use four finite JSON numbers.")
         if bbox[2] < 0 or bbox[3] < 0:
             raise DatasetError(where, f"{what}: negative box size {bbox!r} (x2 < x1 or y2 < y1).")
         if "area" not in ann:  # pycocotools' evaluation needs it; COCO files always have it
             ann["area"] = float(bbox[2] * bbox[3])
+        elif not (_is_finite(ann["area"]) and ann["area"] >= 0):
+            raise DatasetError(where, f"{what}: 'area' must be a finite number >= 0, got "
+                               f"{ann['area']!r}{_type_note(ann['area'])}.")
+        if ann.get("iscrowd", 0) not in (0, 1) or isinstance(ann.get("iscrowd"), float):
+            raise DatasetError(where, f"{what}: 'iscrowd' must be 0 or 1, got "
+                               f"{ann.get('iscrowd')!r}.")
         if with_masks and "segmentation" not in ann:
             raise DatasetError(where, f"{what}: no 'segmentation', needed for mask training.")
+
+
+MAX_IMAGE_SIDE = 100_000  # pixels; larger is a typo (and a memory blow-up when decoded)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _type_note(value) -> str:
+    if isinstance(value, bool):
+        return " (a boolean)"
+    if isinstance(value, str):
+        return " (a string: remove the quotes)"
+    return ""

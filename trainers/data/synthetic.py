@@ -232,17 +232,39 @@ def _generated_dirs(out_dir: Path, format: str) -> list[Path]:
     return [out_dir / "annotations", out_dir / "train", out_dir / "val"]
 
 
-def _check_params(format, images, size, num_classes):
+MAX_IMAGES = 100_000
+MAX_SIZE = 4096
+MAX_SEED = 2**32 - 1
+MAX_TOTAL_PIXELS = 2**31  # images x size^2: ~1 GB of JPEGs at most, minutes of writing
+
+
+def check_total_pixels(images: int, size: int, fields=("images", "size")) -> None:
+    """``images`` x ``size``² stays within :data:`MAX_TOTAL_PIXELS`."""
+    total = images * size * size
+    if total > MAX_TOTAL_PIXELS:
+        raise ConfigError(fields[0], f"{images} images of {size}x{size} pixels are {total:,} pixels, "
+                          f"over the limit of {MAX_TOTAL_PIXELS:,}.",
+                          f"Use fewer images or a smaller {fields[1]} (a demo needs 200 of 128).")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_params(format, images, size, num_classes, seed=0):
     if format not in ("voc", "coco"):
         raise ConfigError("format", f"unknown value {format!r}.", "Use 'voc' or 'coco'.")
-    if not isinstance(images, int) or images < 4:
-        raise ConfigError("images", f"must be an integer >= 4 (both splits need images), "
-                          f"got {images!r}.")
-    if not isinstance(size, int) or size < 64:
-        raise ConfigError("size", f"must be an integer >= 64 pixels, got {size!r}.")
-    if not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+    if not _is_int(images) or not 4 <= images <= MAX_IMAGES:
+        raise ConfigError("images", f"must be an integer in 4..{MAX_IMAGES} (both splits need "
+                          f"images), got {images!r}.")
+    if not _is_int(size) or not 64 <= size <= MAX_SIZE:
+        raise ConfigError("size", f"must be an integer in 64..{MAX_SIZE} pixels, got {size!r}.")
+    if not _is_int(num_classes) or not 1 <= num_classes <= MAX_CLASSES:
         raise ConfigError("num_classes", f"must be an integer in 1..{MAX_CLASSES}, "
                           f"got {num_classes!r}.")
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError("seed", f"must be an integer in 0..{MAX_SEED}, got {seed!r}.")
+    check_total_pixels(images, size)
 
 
 def make_synthetic(out_dir, format: str = "voc", images: int = 200, seed: int = 0,
@@ -257,7 +279,7 @@ def make_synthetic(out_dir, format: str = "voc", images: int = 200, seed: int = 
     The manifest ``out_dir/synthetic_<format>.json`` holds every object drawn:
     ``box`` is the continuous 0-based ``[x1, y1, x2, y2]`` around its pixels.
     """
-    _check_params(format, images, size, num_classes)
+    _check_params(format, images, size, num_classes, seed)
     out_dir = Path(out_dir)
     class_names = list(VOC_CLASSES[:num_classes])
     paths = _paths(out_dir, format, class_names)
@@ -266,7 +288,13 @@ def make_synthetic(out_dir, format: str = "voc", images: int = 200, seed: int = 
     manifest_path = Path(paths["manifest"])
 
     if manifest_path.is_file():
-        previous = json.loads(manifest_path.read_text())
+        try:
+            previous = json.loads(manifest_path.read_text())
+            if not isinstance(previous, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError, RecursionError) as exc:
+            raise DatasetError(str(manifest_path), f"is not a readable make-synthetic manifest "
+                               f"({exc}).", "Delete it, or choose an empty output folder.") from None
         if previous.get("params") == params and all(
                 Path(path).exists() for key, path in paths.items()
                 if key not in ("format", "class_names", "train_sets", "test_sets")):

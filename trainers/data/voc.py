@@ -12,13 +12,14 @@ Conventions (mmdetection 2.x ``XMLDataset``, which the paper's code uses):
 
 from __future__ import annotations
 
+import math
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from trainers.data.transforms import load_image
 from trainers.errors import DatasetError
@@ -144,16 +145,23 @@ def parse_voc_xml(xml_path: Path, class_to_label: dict, image_path: Path | None 
     def number(element, tag, what):
         child = element.find(tag)
         try:
-            return int(float(child.text))
-        except (AttributeError, TypeError, ValueError):
-            raise DatasetError(str(xml_path), f"{what}: missing or non-numeric <{tag}>.") from None
+            value = float(child.text)
+            if not math.isfinite(value):
+                raise ValueError(value)
+            return int(value)
+        except (AttributeError, TypeError, ValueError, OverflowError):
+            text = None if child is None else child.text
+            raise DatasetError(str(xml_path), f"{what}: missing or non-numeric <{tag}> "
+                               f"(got {text!r}).", "Use a finite number of pixels.") from None
 
     size = root.find("size")
     if size is not None and size.find("width") is not None:
         width, height = number(size, "width", "<size>"), number(size, "height", "<size>")
+        if width <= 0 or height <= 0:
+            raise DatasetError(str(xml_path), f"<size>: width {width} and height {height} must "
+                               "be positive.", "Replace the file with the dataset's original copy.")
     else:
-        with Image.open(image_path) as image:  # reads the header only
-            width, height = image.size
+        width, height = image_header_size(image_path)
 
     boxes, labels, difficult = [], [], []
     for index, obj in enumerate(root.findall("object")):
@@ -170,6 +178,10 @@ def parse_voc_xml(xml_path: Path, class_to_label: dict, image_path: Path | None 
         if box[2] <= box[0] or box[3] <= box[1]:
             raise DatasetError(str(xml_path), f"{what} ({name}): empty box {box} "
                                "(needs xmax > xmin and ymax > ymin).")
+        if box[0] < 0 or box[1] < 0 or box[2] > width + 1 or box[3] > height + 1:
+            raise DatasetError(str(xml_path), f"{what} ({name}): box {box} [xmin, ymin, xmax, "
+                               f"ymax] lies outside the {width}x{height} image.",
+                               "Fix the box or the <size> of the annotation.")
         flag = obj.find("difficult")
         boxes.append(box)
         labels.append(class_to_label[name])
@@ -182,3 +194,15 @@ def parse_voc_xml(xml_path: Path, class_to_label: dict, image_path: Path | None 
         "width": width,
         "height": height,
     }
+
+
+def image_header_size(image_path) -> tuple[int, int]:
+    """``(width, height)`` from an image file's header; DatasetError naming the file."""
+    if image_path is None:
+        raise DatasetError("annotation", "has no <size> and no image to read it from.")
+    try:
+        with Image.open(image_path) as image:  # reads the header only
+            return image.size
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(str(image_path), f"not a readable image ({exc}).",
+                           "Replace the file with the dataset's original copy.") from None
