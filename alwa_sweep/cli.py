@@ -13,6 +13,7 @@ import sys
 
 from alwa_sweep import __version__
 from alwa_sweep.commands import COMMANDS
+from alwa_sweep.commands.argcheck import one_paragraph_errors
 
 
 def _chosen_command(argv: list[str]) -> str | None:
@@ -30,13 +31,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         description="Loss-weight sweeps (ALWA, fixed grids, Guided Loss, DWA, DTP) for "
         "torchvision detectors on Ray Tune, tracked in MLflow.",
     )
+    one_paragraph_errors(parser)
     parser.add_argument("--version", action="version", version=f"alwa-sweep {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     chosen = _chosen_command(argv)
     for name, module_name, help_text in COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = one_paragraph_errors(sub.add_parser(name, help=help_text, description=help_text))
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show full tracebacks on errors")
         if name == chosen:
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    from alwa_sweep.signals import Terminated
     from trainers.errors import UserInputError
 
     try:
@@ -59,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

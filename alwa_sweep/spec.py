@@ -300,7 +300,7 @@ def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool =
     ``check_paths`` also checks that dataset paths exist on this machine."""
     from trainers.yamlio import load_yaml
 
-    raw = load_yaml(source) if isinstance(source, (str, Path)) else copy.deepcopy(source)
+    raw = load_yaml(source, what="spec") if isinstance(source, (str, Path)) else copy.deepcopy(source)
     check_keys(raw, SPEC_KEYS, "")
     raw = apply_spec_overrides(raw, overrides)
     try:
@@ -369,18 +369,22 @@ def check_dataset_paths(config: TrainingConfig) -> None:
 
 def check_datasets(configs) -> int:
     """Read each distinct dataset of these training configs as training will (every
-    annotation parsed, every image folder listed), so that a malformed XML or JSON, an
-    unknown class or a missing image fails before any run or trial exists instead of
+    annotation parsed, every image's header read), so that a malformed XML or JSON, an
+    unknown class or a missing or broken image fails before any run or trial exists instead of
     inside every trial. Also checks that ``model.num_classes``, where set, matches the
     dataset. Returns the number of distinct datasets read."""
     from trainers.data.build import build_datasets
+    from trainers.data.checks import check_dataset_images
 
     seen: dict[str, int] = {}
     for config in configs:
         with_masks = config.model.detector == "mask_rcnn"
         key = json.dumps([config.dataset.model_dump(), with_masks], sort_keys=True)
         if key not in seen:
-            train_set, _ = build_datasets({**config.dataset.model_dump(), "flip": 0.0}, with_masks=with_masks)
+            train_set, test_set = build_datasets({**config.dataset.model_dump(), "flip": 0.0},
+                                                 with_masks=with_masks)
+            for dataset in (train_set, test_set):  # headers: a 0-byte or cut JPEG fails here
+                check_dataset_images(dataset)
             seen[key] = len(train_set.class_names)
         classes = seen[key]
         if config.model.num_classes is not None and config.model.num_classes != classes:

@@ -26,10 +26,14 @@ from pathlib import Path
 
 import yaml
 
+from alwa_sweep.locks import FolderLock
+from alwa_sweep.signals import terminate_on_signals
+from alwa_sweep.tracking import end_run, get_or_create_experiment, open_store
 from alwa_sweep.spec import Spec
-from alwa_sweep.tracking import get_or_create_experiment, open_store
-from reports.schema import (ARTIFACT_SPEC, FINAL_STATUSES, KIND_SWEEP, STATUS_OK, STATUS_RUNNING, TAG_KIND, TAG_NOTE,
+from reports.schema import (ARTIFACT_SPEC, EXPECTED_STATUSES, FINAL_STATUSES, KIND_SWEEP, STATUS_ERROR,
+                            STATUS_INTERRUPTED, STATUS_RUNNING, SWEEP_FINISHED, SWEEP_INCOMPLETE, TAG_KIND, TAG_NOTE,
                             TAG_PARENT, TAG_STATUS, TAG_SUMMARY, TAG_SWEEP, TAG_TRIAL_KEY)
+from trainers.errors import Interrupted
 from alwa_sweep.trial import run_trial
 
 TUNE_NAME = "tune"
@@ -50,7 +54,8 @@ class SweepSummary:
 
     @property
     def failed(self) -> int:
-        return sum(n for status, n in self.counts.items() if status != STATUS_OK)
+        """Trials without an outcome a sweep may expect (nan/overflow cells are results)."""
+        return sum(n for status, n in self.counts.items() if status not in EXPECTED_STATUSES)
 
     def line(self) -> str:
         counts = self.counts
@@ -96,7 +101,7 @@ def prepare_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str) -> dict:
     state = {"name": name, "spec_name": spec.name, "experiment": spec.experiment,
              "experiment_id": experiment_id, "parent_run_id": parent.info.run_id,
              "tracking_uri": tracking_uri, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (sweep_dir / "sweep.json").write_text(json.dumps(state, indent=2))
+    write_sweep_state(sweep_dir, state)
     return state
 
 
@@ -176,30 +181,61 @@ def _run_config(spec: Spec, sweep_dir: Path, progress):
 def run_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str, *, address: str | None = None,
               max_concurrent: int | None = None, num_cpus: int | None = None,
               progress=True, state: dict | None = None) -> SweepSummary:
-    """Run (or, with ``state`` from ``sweep.json``, resume) a sweep to completion."""
+    """Run (or, with ``state`` from ``sweep.json``, resume) a sweep to completion.
+
+    The sweep folder is locked for the whole run (a second driver fails at once), and
+    the sweep's parent run is ended on every exit path: FINISHED when every trial
+    reached an outcome, KILLED when interrupted (SIGTERM, Ctrl-C) or left incomplete,
+    FAILED on an error."""
     # Tune syncs its experiment state to storage at most every ~10 s by default; a
     # driver killed in between forgets finished trials. Sync every second instead.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     sweep_dir = Path(sweep_dir).resolve()
-    if state is None:
-        state = prepare_sweep(spec, sweep_dir, tracking_uri)
-    else:  # a resumed sweep: its store must answer before any trial starts
-        open_store(state["tracking_uri"], f"{sweep_dir / 'sweep.json'}: tracking_uri")
+    with terminate_on_signals():
+        if state is None:
+            state = prepare_sweep(spec, sweep_dir, tracking_uri)
+        else:  # a resumed sweep: its store must answer before any trial starts
+            open_store(state["tracking_uri"], f"{sweep_dir / 'sweep.json'}: tracking_uri")
+        try:
+            with FolderLock(sweep_dir, what="sweep folder", command="alwa-sweep run/resume"):
+                _fit(spec, sweep_dir, state, address, max_concurrent, num_cpus, progress)
+                return finish_sweep(spec, sweep_dir, state)
+        except BaseException as exc:
+            _end_parent(state, exc)
+            raise
+
+
+def _fit(spec: Spec, sweep_dir: Path, state: dict, address, max_concurrent, num_cpus, progress) -> None:
     _init_ray(address, num_cpus)
     from ray import tune
 
     from alwa_sweep.live import LiveTable
 
-    reporter = LiveTable(len(spec.trials)) if progress else None
-    tune_path = sweep_dir / TUNE_NAME
-    if tune_path.exists() and tune.Tuner.can_restore(str(tune_path)):
-        tuner = tune.Tuner.restore(str(tune_path), trainable=tune.with_resources(run_trial, _trial_resources(spec)),
-                                   resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = _build_tuner(spec, sweep_dir, state, max_concurrent, reporter)
-    tuner.fit()
-    return finish_sweep(spec, sweep_dir, state)
+    with terminate_on_signals():  # ray.init installs its own SIGTERM handler: take the signals back
+        reporter = LiveTable(len(spec.trials)) if progress else None
+        tune_path = sweep_dir / TUNE_NAME
+        if tune_path.exists() and tune.Tuner.can_restore(str(tune_path)):
+            tuner = tune.Tuner.restore(str(tune_path),
+                                       trainable=tune.with_resources(run_trial, _trial_resources(spec)),
+                                       resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = _build_tuner(spec, sweep_dir, state, max_concurrent, reporter)
+        tuner.fit()
+
+
+def _end_parent(state: dict, exc: BaseException) -> None:
+    """The sweep's parent run, ended after the driver stopped early (best effort: the
+    store may be what failed)."""
+    from trainers.errors import interruption_reason
+
+    interrupted = isinstance(exc, (KeyboardInterrupt, Interrupted))
+    try:
+        client = open_store(state["tracking_uri"])
+        reason = interruption_reason(exc) if interrupted else f"{type(exc).__name__}: {exc}"
+        end_run(client, state["parent_run_id"], STATUS_INTERRUPTED if interrupted else STATUS_ERROR, reason)
+    except Exception:  # noqa: BLE001 - the original error is what the user must see
+        pass
 
 
 def collect_statuses(client, state: dict) -> dict:
@@ -221,13 +257,37 @@ def finish_sweep(spec: Spec, sweep_dir: Path, state: dict) -> SweepSummary:
     client.set_tag(parent, TAG_SUMMARY, summary.line())
     client.log_dict(parent, {"statuses": statuses, "counts": dict(summary.counts)}, "summary.json")
     complete = all(s in FINAL_STATUSES for s in statuses.values())
-    client.set_tag(parent, TAG_STATUS, "finished" if complete else "incomplete")
+    client.set_tag(parent, TAG_STATUS, SWEEP_FINISHED if complete else SWEEP_INCOMPLETE)
     client.set_terminated(parent, "FINISHED" if complete else "KILLED")
     return summary
 
 
+STATE_KEYS = ("name", "experiment", "experiment_id", "parent_run_id", "tracking_uri")
+
+
+def write_sweep_state(sweep_dir: Path, state: dict) -> None:
+    """``sweep.json``, written atomically (a crash never leaves half a file)."""
+    target = Path(sweep_dir) / "sweep.json"
+    partial = target.with_name(f".sweep.json.{os.getpid()}")
+    partial.write_text(json.dumps(state, indent=2))
+    os.replace(partial, target)
+
+
 def load_sweep_state(sweep_dir: Path) -> dict:
-    return json.loads((Path(sweep_dir) / "sweep.json").read_text())
+    """``sweep.json`` of a sweep folder; a missing, truncated or foreign file is a ConfigError."""
+    from trainers.errors import ConfigError
+
+    path = Path(sweep_dir) / "sweep.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(str(path), f"cannot be read as a sweep's state ({exc}).",
+                          "The folder is damaged: start the sweep again under a new --name.") from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or not isinstance(state.get(key), str)]
+    if missing:
+        raise ConfigError(str(path), f"lacks {', '.join(missing)}.",
+                          "The folder is damaged: start the sweep again under a new --name.")
+    return state
 
 
 def print_summary(summary: SweepSummary, out=None) -> None:

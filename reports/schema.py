@@ -41,6 +41,10 @@ DONE_STATUSES = (STATUS_OK, STATUS_NAN, STATUS_OVERFLOW, STATUS_STOPPED)
 # Outcomes a sweep may expect (Table 4's nan/overflow cells): they do not fail it.
 EXPECTED_STATUSES = DONE_STATUSES
 
+# A sweep's parent run: alwa.status is one of these.
+SWEEP_FINISHED = "finished"  # every trial reached an outcome
+SWEEP_INCOMPLETE = "incomplete"  # some trials have none yet (resume it)
+
 # ---- params: the flattened resolved training config, dotted (``trainers.config``) -------
 PARAM_DETECTOR = "model.detector"
 PARAM_BACKBONE = "model.backbone"

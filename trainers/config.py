@@ -377,16 +377,11 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"a.b.c=value"`` → ``("a.b.c", parsed value)``; the value is parsed as YAML."""
-    from trainers.yamlio import parse_set_value
+    """``"a.b.c=value"`` → ``("a.b.c", parsed value)``; the value is parsed as YAML
+    under the same policy as files (``trainers.yamlio``)."""
+    from trainers.yamlio import parse_set
 
-    if "=" not in text:
-        raise ConfigError("--set", f"{text!r} is not of the form key=value.", "Example: --set train.batch_size=4")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part.strip() for part in key.split(".")):
-        raise ConfigError("--set", f"{text!r} has an empty key.", "Example: --set optimizer.lr=0.01")
-    return key, parse_set_value(raw, f"--set {key}")
+    return parse_set(text)
 
 
 def set_dotted(config: dict, key: str, value: Any) -> None:
@@ -446,7 +441,7 @@ def load_config(source, overrides=None) -> TrainingConfig:
         if not overrides:
             return source
         source = source.dump()
-    raw = load_yaml(source) if isinstance(source, (str, Path)) else source
+    raw = load_yaml(source, what="config") if isinstance(source, (str, Path)) else source
     if not isinstance(raw, dict):
         raise ConfigError("config", f"expected a mapping of sections, got {_short_repr(raw)}.")
     return parse_config(apply_overrides(raw, overrides))

@@ -34,6 +34,9 @@ def add_arguments(parser) -> None:
                         help="override a field of the base config (repeatable)")
     parser.add_argument("--no-check-paths", action="store_true",
                         help="don't check dataset paths on this machine (they exist on the cluster)")
+    parser.add_argument("--force-new-name", action="store_true",
+                        help="when a sweep of this --name exists with another spec, start this one under a "
+                        "fresh name (<name>-2, ...) instead of refusing")
     add_common_arguments(parser)
 
 
@@ -48,20 +51,56 @@ def run(args) -> int:
     tracking_uri = args.tracking_uri or default_tracking_uri(root)
     check_tracking_server(tracking_uri)
     name = args.name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not re.fullmatch(r"[\w.\-]+", name):
-        raise ConfigError("--name", f"{name!r} may only hold letters, digits, '.', '_' and '-'.")
+    if not re.fullmatch(r"[\w.\-]{1,100}", name) or not any(c.isalnum() for c in name):
+        raise ConfigError("--name", f"{name!r} may only hold letters, digits, '.', '_' and '-' (at most 100).",
+                          "Pick another name.")
     check_address(args.address)
     sweep_dir = root / "sweeps" / name
     state = None
     if sweep_dir.exists():
         if not (sweep_dir / "sweep.json").exists():
             raise ConfigError("--name", f"{sweep_dir} exists but is not a sweep folder.", "Pick another --name.")
-        state = load_sweep_state(sweep_dir)
-        if (args.tracking_uri or tracking_uri) != state["tracking_uri"]:
-            tracking_uri = state["tracking_uri"]
-        print(f"resuming sweep {name} (finished trials are not re-run)")
+        changes = spec_changes(sweep_dir, spec)
+        if changes and args.force_new_name:
+            old, (name, sweep_dir) = name, _fresh_name(root, name)
+            print(f"the spec differs from sweep {old}'s: starting it as {name}")
+        elif changes:
+            raise ConfigError("--name", f"sweep {name} was launched with another spec; resuming it would "
+                              f"train the old configs. Changes:\n{changes}",
+                              "Pick another --name, add --force-new-name to start it under a fresh name, "
+                              "or run it with the spec it had.")
+        else:
+            state = load_sweep_state(sweep_dir)
+            if (args.tracking_uri or tracking_uri) != state["tracking_uri"]:
+                tracking_uri = state["tracking_uri"]
+            print(f"resuming sweep {name} (finished trials are not re-run)")
     summary = run_sweep(spec, sweep_dir, tracking_uri, address=args.address,
                         max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
                         progress=not args.quiet, state=state)
     print_summary(summary)
     return 0 if summary.failed == 0 else 1
+
+
+def spec_changes(sweep_dir: Path, spec) -> str:
+    """A unified diff of the spec a sweep folder holds against ``spec`` ('' if equal)."""
+    import difflib
+
+    import yaml
+
+    from trainers.yamlio import load_yaml
+
+    before = yaml.safe_dump(load_yaml(sweep_dir / "spec.yaml", what="sweep spec"), sort_keys=True).splitlines()
+    after = yaml.safe_dump(spec.raw, sort_keys=True).splitlines()
+    if before == after:
+        return ""
+    diff = difflib.unified_diff(before, after, "launched", "now", lineterm="", n=1)
+    lines = list(diff)[2:]
+    return "\n".join(lines[:40] + ([f"... ({len(lines) - 40} more lines)"] if len(lines) > 40 else []))
+
+
+def _fresh_name(root: Path, name: str) -> tuple[str, Path]:
+    for index in range(2, 10_000):
+        candidate = f"{name}-{index}"
+        if not (root / "sweeps" / candidate).exists():
+            return candidate, root / "sweeps" / candidate
+    raise ConfigError("--name", f"no free name of the form {name}-N.", "Pick another --name.")

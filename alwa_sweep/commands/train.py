@@ -7,12 +7,15 @@ import re
 import sys
 from pathlib import Path
 
+from alwa_sweep.locks import FolderLock
 from alwa_sweep.progress import ProgressBar
+from alwa_sweep.signals import terminate_on_signals
 from alwa_sweep.spec import check_datasets
 from alwa_sweep.sweep_paths import check_writable
 from alwa_sweep.tracking import MlflowHook, default_tracking_uri, get_or_create_experiment, open_store
 from reports.schema import KIND_TRAIN, STATUS_OK, TAG_KIND
 from trainers.config import load_config
+from trainers.checkpoint import require_resumable_checkpoint
 from trainers.engine import train
 from trainers.errors import ConfigError
 
@@ -34,10 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     config = load_config(args.config, args.overrides)
     run_name = args.run_name or Path(args.config).stem
-    if not re.fullmatch(r"[\w.\-]+", run_name):
-        raise ConfigError("--run-name", f"{run_name!r} may only hold letters, digits, '.', '_' and '-'.")
-    if args.resume and not Path(args.resume).exists():
-        raise ConfigError("--resume", f"{args.resume} does not exist.", "Pass a checkpoint file or folder.")
+    if not re.fullmatch(r"[\w.\-]{1,200}", run_name):
+        raise ConfigError("--run-name", f"{run_name!r} may only hold letters, digits, '.', '_' and '-' "
+                          "(at most 200).", "Pick another name.")
+    if args.resume:
+        # An empty or all-corrupt checkpoint folder fails here, before any MLflow run exists.
+        require_resumable_checkpoint(args.resume)
     if args.workdir:
         workdir = Path(args.workdir).resolve()
     elif args.resume:
@@ -54,14 +59,15 @@ def run(args) -> int:
     check_writable(workdir, "--workdir")
     client = open_store(args.tracking_uri or default_tracking_uri())
     experiment_id = get_or_create_experiment(client, args.experiment)
-    run_id_file = workdir / "mlflow_run_id"
-    if args.resume and run_id_file.exists():
-        logger = MlflowHook(client, run_id_file.read_text().strip())
-    else:
-        logger = MlflowHook.create(client, experiment_id, run_name, tags={TAG_KIND: KIND_TRAIN})
-        workdir.mkdir(parents=True, exist_ok=True)
-        run_id_file.write_text(logger.run_id)
-    result = train(config, workdir=workdir, hooks=[logger, ProgressBar(run_name)], resume=args.resume)
+    with terminate_on_signals(), FolderLock(workdir, what="work folder", command="alwa-sweep train"):
+        run_id_file = workdir / "mlflow_run_id"
+        if args.resume and run_id_file.exists():
+            logger = MlflowHook(client, run_id_file.read_text().strip())
+        else:
+            logger = MlflowHook.create(client, experiment_id, run_name, tags={TAG_KIND: KIND_TRAIN})
+            run_id_file.write_text(logger.run_id)
+        # From here the engine finishes the run on every exit path (errors, signals).
+        result = train(config, workdir=workdir, hooks=[logger, ProgressBar(run_name)], resume=args.resume)
     print(f"status: {result.status}" + (f" ({result.reason})" if result.reason else ""))
     print(f"iterations: {result.iterations} in {result.seconds:.1f} s")
     for name, value in sorted(result.metrics.items()):
