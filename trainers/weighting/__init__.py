@@ -1,7 +1,8 @@
 """Loss-weighting methods for a detection head's (classification, regression) pair.
 
-One class per method, one file each (the shape of LibMTL's ``weighting/``); every
-file's docstring cites the method's paper and lists its hyper-parameters:
+One ``nn.Module`` per method, one file each (the shape of LibMTL's ``weighting/``),
+each with its pydantic settings model; every file's docstring cites the method's
+paper (and, for ALWA, the released code):
 
     none / fixed  fixed.py        Eq. 1, the weight grid of Table 1
     alwa          alwa.py         ALWA_1 / ALWA_2, the method of the paper
@@ -10,21 +11,25 @@ file's docstring cites the method's paper and lists its hyper-parameters:
     dtp           dtp.py          Dynamic Task Prioritization (Guo et al., ECCV 2018)
     uncertainty   uncertainty.py  Uncertainty weighting (Kendall et al., CVPR 2018)
 
-``base.LossWeighting`` is the interface the engine calls; ``build_weighting`` makes
-one from the config's ``weighting`` section.
+``base.LossWeighting`` is the interface the engine calls; ``WeightingConfig`` is the
+type of the config's ``weighting`` section and ``build_weighting`` makes the method.
 """
 
-from trainers.weighting.alwa import ALWA
-from trainers.weighting.base import LossWeighting, WeightOverflowError
-from trainers.weighting.build import WEIGHTINGS, build_weighting, validate_weighting_config
-from trainers.weighting.dtp import DTP
-from trainers.weighting.dwa import DWA
-from trainers.weighting.fixed import FixedWeights, NoWeighting
-from trainers.weighting.guided import GuidedLoss
-from trainers.weighting.uncertainty import UncertaintyWeighting
+from trainers.weighting.alwa import ALWA, ALWASettings
+from trainers.weighting.base import LossWeighting, WeightingSettings, WeightOverflowError
+from trainers.weighting.build import (
+    WEIGHTINGS, WeightingConfig, build_weighting, field_of, hyper_parameters, parse_weighting,
+    validate_weighting_config,
+)
+from trainers.weighting.dtp import DTP, DTPSettings
+from trainers.weighting.dwa import DWA, DWASettings
+from trainers.weighting.fixed import FixedSettings, FixedWeights, NoneSettings, NoWeighting
+from trainers.weighting.guided import GuidedLoss, GuidedSettings
+from trainers.weighting.uncertainty import UncertaintySettings, UncertaintyWeighting
 
 __all__ = [
-    "ALWA", "DTP", "DWA", "FixedWeights", "GuidedLoss", "LossWeighting", "NoWeighting",
-    "UncertaintyWeighting", "WEIGHTINGS", "WeightOverflowError", "build_weighting",
-    "validate_weighting_config",
+    "ALWA", "ALWASettings", "DTP", "DTPSettings", "DWA", "DWASettings", "FixedSettings", "FixedWeights",
+    "GuidedLoss", "GuidedSettings", "LossWeighting", "NoWeighting", "NoneSettings", "UncertaintySettings",
+    "UncertaintyWeighting", "WEIGHTINGS", "WeightOverflowError", "WeightingConfig", "WeightingSettings",
+    "build_weighting", "field_of", "hyper_parameters", "parse_weighting", "validate_weighting_config",
 ]
