@@ -18,7 +18,7 @@ type of the config's ``weighting`` section and ``build_weighting`` makes the met
 from trainers.weighting.alwa import ALWA, ALWASettings
 from trainers.weighting.base import LossWeighting, WeightingSettings, WeightOverflowError
 from trainers.weighting.build import (
-    WEIGHTINGS, WeightingConfig, build_weighting, field_of, hyper_parameters, parse_weighting,
+    WEIGHTINGS, WeightingConfig, build_weighting, config_error, field_of, hyper_parameters, parse_weighting,
     validate_weighting_config,
 )
 from trainers.weighting.dtp import DTP, DTPSettings
@@ -31,5 +31,5 @@ __all__ = [
     "ALWA", "ALWASettings", "DTP", "DTPSettings", "DWA", "DWASettings", "FixedSettings", "FixedWeights",
     "GuidedLoss", "GuidedSettings", "LossWeighting", "NoWeighting", "NoneSettings", "UncertaintySettings",
     "UncertaintyWeighting", "WEIGHTINGS", "WeightOverflowError", "WeightingConfig", "WeightingSettings",
-    "build_weighting", "field_of", "hyper_parameters", "parse_weighting", "validate_weighting_config",
+    "build_weighting", "config_error", "field_of", "hyper_parameters", "parse_weighting", "validate_weighting_config",
 ]

@@ -65,8 +65,7 @@ MAX_INTERVAL = 1_000_000  # the window holds 2 × interval float64 values (16 MB
 def _exact_int(value):
     # Literal[1, 2] alone accepts True and 1.0 (equal, hashing alike) even in strict mode.
     if type(value) is not int:
-        raise PydanticCustomError("int_type", "Input should be the integer 1 or 2, got {value!r}",
-                                  {"value": value})
+        raise PydanticCustomError("int_type", "Input should be the integer 1 or 2")
     return value
 
 

@@ -88,11 +88,34 @@ def field_of(error: dict) -> str:
     return "weighting" if len(loc) == 1 else f"weighting.{loc[1]}"
 
 
+def config_error(exc: ValidationError) -> ConfigError:
+    """The project's one-paragraph error for the first bad field of a ``weighting``
+    section (the messages of a union's alternatives for that field are joined)."""
+    errors = exc.errors()
+    where = field_of(errors[0])
+    first = errors[0]
+    if first["type"] == "weighting_method":
+        method = first["input"].get("method") if isinstance(first["input"], Mapping) else first["input"]
+        return ConfigError(where, f"unknown value {method!r}.", f"Allowed values: {', '.join(WEIGHTINGS)}.")
+    if first["type"] == "model_type":
+        return ConfigError(where, f"must be a mapping of settings (got {type(first['input']).__name__}).",
+                           "Write it as 'weighting: {method: alwa, ...}'.")
+    if first["type"] == "extra_forbidden":
+        method = first["loc"][0]
+        allowed = ", ".join(WEIGHTINGS[method].Settings.model_fields)
+        return ConfigError(where, f"is not a setting of method {method!r}.",
+                           f"Allowed keys for {method}: {allowed}.")
+    messages = list(dict.fromkeys(e["msg"] for e in errors if field_of(e) == where))
+    prefix = "Input should be "
+    problem = messages[0] + "".join(
+        f" or {m.removeprefix(prefix) if messages[0].startswith(prefix) else m}" for m in messages[1:])
+    return ConfigError(where, f"{problem} (got {first['input']!r}).")
+
+
 def validate_weighting_config(cfg: Mapping | None) -> WeightingSettings:
     """Transitional, for the dict config of trainers/config.py: the settings, or a
     ConfigError naming the first bad field (the typed config replaces it)."""
     try:
         return parse_weighting(cfg)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        raise ConfigError(field_of(error), f"{error['msg']} (got {error['input']!r}).") from None
+        raise config_error(exc) from None
