@@ -106,33 +106,34 @@ class ALWA(LossWeighting):
         super().__init__(settings, **kwargs)
         s = self.settings
         self._ddof = 1 if s.convention == "official" else 0
-        self._calls = 0  # k: calls so far, counted across epochs (never reset)
-        self._count = 0  # records since the last update
+        self._host.calls = 0  # k: calls so far, counted across epochs (never reset)
+        self._host.count = 0  # records since the last update
+        self._host.cls_factor = None  # cls_weight in the loss dtype and device
         # Row 0: classification records, row 1: regression records.
         self.register_buffer("window", torch.zeros(2, s.interval, dtype=torch.float64))
         self.register_buffer("alpha", torch.ones((), dtype=torch.float64))
         self.register_buffer("cls_weight", torch.full((), s.lambda0, dtype=torch.float64))
-        self._cls_factor: Tensor | None = None  # cls_weight in the loss dtype and device
-        self._last: dict[str, Tensor | float] = {}
 
     def forward(self, cls_loss: Tensor, reg_loss: Tensor, kpis: dict | None = None) -> tuple[Tensor, Tensor]:
         self._follow(cls_loss)
-        factor = self._cls_factor
+        host = self._host
+        factor = host.cls_factor
         if factor is None or factor.dtype != cls_loss.dtype or factor.device != cls_loss.device:
-            factor = self._cls_factor = self.cls_weight.to(cls_loss.device, cls_loss.dtype)
+            factor = host.cls_factor = self.cls_weight.to(cls_loss.device, cls_loss.dtype)
         lambda0 = self.settings.lambda0
         cls_weighted = factor * cls_loss
         reg_weighted = lambda0 * reg_loss
 
         recorded = (cls_weighted, reg_weighted) if self.settings.records == "weighted" else (cls_loss, reg_loss)
-        self.window[0, self._count] = recorded[0].detach()
-        self.window[1, self._count] = recorded[1].detach()
-        self._count += 1
-        self._calls += 1
+        window = self.window
+        window[0, host.count] = recorded[0].detach()
+        window[1, host.count] = recorded[1].detach()
+        host.count += 1
+        host.calls += 1
 
-        self._last = {"cls": factor, "reg": lambda0, "alpha": self.alpha}
-        if self._update_due(self._calls):
-            self._last.update(self._update())
+        host.last = {"cls": factor, "reg": lambda0, "alpha": self.alpha}
+        if self._update_due(host.calls):
+            host.last.update(self._update())
         return cls_weighted, reg_weighted
 
     def _update_due(self, k: int) -> bool:
@@ -141,7 +142,7 @@ class ALWA(LossWeighting):
 
     def _update(self) -> dict[str, Tensor]:
         """Recompute α (and w_cls) from the window, clear it; returns the window statistics."""
-        n = self._count
+        n = self._host.count
         window = self.window[:, :n].clone()
         if self.settings.sync_records and dist.is_available() and dist.is_initialized():
             # Every rank has made the same number of calls, so the windows line up.
@@ -159,8 +160,8 @@ class ALWA(LossWeighting):
             self.cls_weight = self.alpha * self.settings.lambda0
         else:
             self.cls_weight = torch.where(lower, ratio, self.cls_weight)
-        self._cls_factor = None
-        self._count = 0
+        self._host.cls_factor = None
+        self._host.count = 0
         return {"window/cls_mean": mean[0], "window/cls_std": std[0],
                 "window/reg_mean": mean[1], "window/reg_std": std[1]}
 
@@ -168,19 +169,19 @@ class ALWA(LossWeighting):
         """``cls`` = w_cls and ``alpha`` = α as applied by the last call, ``reg`` = λ0;
         after an updating call also ``window/{cls,reg}_{mean,std}`` (std with the
         convention's ddof)."""
-        return dict(self._last)
+        return super().log_values()
 
     def _resume_settings(self) -> dict:
         return {key: getattr(self.settings, key) for key in RESUME_KEYS}
 
     def get_extra_state(self) -> dict:
-        return {"settings": self._resume_settings(), "calls": self._calls, "count": self._count}
+        return {"settings": self._resume_settings(), "calls": self._host.calls, "count": self._host.count}
 
     def set_extra_state(self, state: dict) -> None:
-        self._calls = int(state["calls"])
-        self._count = int(state["count"])
-        self._cls_factor = None
-        self._last = {}
+        self._host.calls = int(state["calls"])
+        self._host.count = int(state["count"])
+        self._host.cls_factor = None
+        self._host.last = {}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

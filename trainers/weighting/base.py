@@ -23,6 +23,8 @@ written there once. A method is built as ``ALWA(settings)`` or ``ALWA(interval=2
 
 from __future__ import annotations
 
+import itertools
+from types import SimpleNamespace
 from typing import ClassVar, Literal
 
 import torch
@@ -63,6 +65,10 @@ class LossWeighting(nn.Module):
         elif type(settings) is not self.Settings:
             raise TypeError(f"{type(self).__name__} needs {self.Settings.__name__}, got {type(settings).__name__}.")
         self.settings = settings
+        # Host-side state changed per call lives in a plain namespace: nn.Module's
+        # __setattr__ costs microseconds per assignment in the hot loop.
+        self._host = SimpleNamespace(last={})
+        self._state_device: torch.device | None = None  # where buffers and parameters live
 
     def forward(self, cls_loss: Tensor, reg_loss: Tensor, kpis: dict | None = None) -> tuple[Tensor, Tensor]:
         """Scalar tensors in, weighted scalar tensors out (autograd graph kept).
@@ -79,7 +85,7 @@ class LossWeighting(nn.Module):
         before the first call); methods add their own keys (ALWA: ``alpha`` and, right
         after an update, the ``window/...`` statistics).
         """
-        return {}
+        return dict(self._host.last)
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called by the engine after each epoch (DWA with per-epoch periods uses it)."""
@@ -87,11 +93,18 @@ class LossWeighting(nn.Module):
     def _follow(self, loss: Tensor) -> None:
         """Move the state to the loss's device if it lives elsewhere (a one-time move
         when the caller did not ``.to(device)``; a device check is host metadata)."""
-        state = next(self.buffers(), None)
-        if state is None:
-            state = next(self.parameters(), None)
-        if state is not None and state.device != loss.device:
+        if self._state_device is None:
+            state = next(itertools.chain(self.buffers(), self.parameters()), None)
+            if state is None:
+                return
+            self._state_device = state.device
+        if self._state_device != loss.device:
             self.to(loss.device)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), ...: the state's device is looked up again at the next call.
+        self._state_device = None
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.settings.model_dump().items())

@@ -56,9 +56,8 @@ class DTP(LossWeighting):
 
     def __init__(self, settings: DTPSettings | None = None, **kwargs):
         super().__init__(settings, **kwargs)
-        self._started = False  # whether kpi_average holds a KPI yet
+        self._host.started = False  # whether kpi_average holds a KPI yet
         self.register_buffer("kpi_average", torch.zeros(NUM_TASKS, dtype=torch.float64))  # κ̄ (cls, reg)
-        self._last: dict[str, Tensor | float] = {}
 
     def forward(self, cls_loss: Tensor, reg_loss: Tensor, kpis: dict | None = None) -> tuple[Tensor, Tensor]:
         missing = [key for key in KPI_KEYS if not kpis or key not in kpis]
@@ -71,25 +70,22 @@ class DTP(LossWeighting):
         s = self.settings
         kpi = torch.stack([torch.as_tensor(kpis[key], device=cls_loss.device) for key in KPI_KEYS])
         kpi = kpi.detach().to(torch.float64)
-        if self._started:
+        if self._host.started:
             self.kpi_average = s.momentum * self.kpi_average + (1.0 - s.momentum) * kpi
         else:
             self.kpi_average = kpi
-            self._started = True
+            self._host.started = True
         kappa = self.kpi_average.clamp(s.eps, 1.0 - s.eps)
         weights = -(1.0 - kappa).pow(s.gamma) * kappa.log()
         if s.normalize:
             weights = NUM_TASKS * weights / weights.sum()  # > 0: κ̄ is clamped inside (0, 1)
         cls_weight, reg_weight = weights[0].to(cls_loss.dtype), weights[1].to(reg_loss.dtype)
-        self._last = {"cls": cls_weight, "reg": reg_weight}
+        self._host.last = {"cls": cls_weight, "reg": reg_weight}
         return cls_weight * cls_loss, reg_weight * reg_loss
 
-    def log_values(self) -> dict[str, Tensor | float]:
-        return dict(self._last)
-
     def get_extra_state(self) -> dict:
-        return {"started": self._started}
+        return {"started": self._host.started}
 
     def set_extra_state(self, state: dict) -> None:
-        self._started = bool(state["started"])
-        self._last = {}
+        self._host.started = bool(state["started"])
+        self._host.last = {}

@@ -53,63 +53,65 @@ class DWA(LossWeighting):
 
     def __init__(self, settings: DWASettings | None = None, **kwargs):
         super().__init__(settings, **kwargs)
-        self._calls = 0
-        self._period_calls = 0  # calls in the current period
-        self._periods = 0  # periods completed
-        self._compute_dtype = torch.float32  # the last loss dtype, promoted to at least float32
+        self._host.calls = 0
+        self._host.period_calls = 0  # calls in the current period
+        self._host.periods = 0  # periods completed
+        self._host.compute_dtype = torch.float32  # the last loss dtype, promoted to at least float32
         self.register_buffer("sums", torch.zeros(NUM_TASKS, dtype=torch.float64))  # raw losses, this period
         # Rows: L̄(t−2), L̄(t−1), the last two periods' averages.
         self.register_buffer("averages", torch.zeros(2, NUM_TASKS, dtype=torch.float64))
         self.register_buffer("weights", torch.ones(NUM_TASKS, dtype=torch.float64))  # used from period 3
-        self._last: dict[str, Tensor | float] = {}
 
     def forward(self, cls_loss: Tensor, reg_loss: Tensor, kpis: dict | None = None) -> tuple[Tensor, Tensor]:
         self._follow(cls_loss)
-        if self._periods < 2:
+        host = self._host
+        if host.periods < 2:
             cls_weight, reg_weight = 1.0, 1.0
         else:
-            cls_weight, reg_weight = self.weights[0].to(cls_loss.dtype), self.weights[1].to(reg_loss.dtype)
-        self._last = {"cls": cls_weight, "reg": reg_weight}
-        self._compute_dtype = torch.promote_types(cls_loss.dtype, torch.float32)
+            weights = self.weights
+            cls_weight, reg_weight = weights[0].to(cls_loss.dtype), weights[1].to(reg_loss.dtype)
+        host.last = {"cls": cls_weight, "reg": reg_weight}
+        host.compute_dtype = torch.promote_types(cls_loss.dtype, torch.float32)
 
         self.sums += torch.stack([cls_loss.detach(), reg_loss.detach()]).to(torch.float64)
-        self._period_calls += 1
-        self._calls += 1
-        if self.settings.period != "epoch" and self._calls % self.settings.period == 0:
+        host.period_calls += 1
+        host.calls += 1
+        period = self.settings.period
+        if period != "epoch" and host.calls % period == 0:
             self._end_period()
         return cls_weight * cls_loss, reg_weight * reg_loss
 
     def on_epoch_end(self, epoch: int) -> None:
-        if self.settings.period == "epoch" and self._period_calls > 0:
+        if self.settings.period == "epoch" and self._host.period_calls > 0:
             self._end_period()
 
     def _end_period(self) -> None:
-        self.averages = torch.stack([self.averages[1], self.sums / self._period_calls])
+        host = self._host
+        self.averages = torch.stack([self.averages[1], self.sums / host.period_calls])
         self.sums = torch.zeros_like(self.sums)
-        self._period_calls = 0
-        self._periods += 1
-        if self._periods < 2:
+        host.period_calls = 0
+        host.periods += 1
+        if host.periods < 2:
             return
-        previous, last = self.averages.to(self._compute_dtype)
+        previous, last = self.averages.to(host.compute_dtype)
         ratios = last / previous
         exponentials = torch.exp(ratios / self.settings.temperature)
         weights = NUM_TASKS * exponentials / exponentials.sum()
         if not bool(torch.isfinite(weights).all()):  # the one sync per period
             raise WeightOverflowError(
                 f"DWA weights are not finite: loss ratios r = {ratios.tolist()} with temperature "
-                f"{self.settings.temperature:g} give exp(r/T) = {exponentials.tolist()} ({self._compute_dtype}).")
+                f"{self.settings.temperature:g} give exp(r/T) = {exponentials.tolist()} ({host.compute_dtype}).")
         self.weights = weights.to(torch.float64)
 
-    def log_values(self) -> dict[str, Tensor | float]:
-        return dict(self._last)
-
     def get_extra_state(self) -> dict:
-        return {"calls": self._calls, "period_calls": self._period_calls, "periods": self._periods,
-                "compute_dtype": str(self._compute_dtype).removeprefix("torch.")}
+        host = self._host
+        return {"calls": host.calls, "period_calls": host.period_calls, "periods": host.periods,
+                "compute_dtype": str(host.compute_dtype).removeprefix("torch.")}
 
     def set_extra_state(self, state: dict) -> None:
-        self._calls = int(state["calls"])
-        self._period_calls = int(state["period_calls"])
-        self._periods = int(state["periods"])
-        self._compute_dtype = getattr(torch, state["compute_dtype"])
-        self._last = {}
+        host = self._host
+        host.calls = int(state["calls"])
+        host.period_calls = int(state["period_calls"])
+        host.periods = int(state["periods"])
+        host.compute_dtype = getattr(torch, state["compute_dtype"])
+        host.last = {}

@@ -35,23 +35,13 @@ class FixedWeights(LossWeighting):
     name = "fixed"
     Settings = FixedSettings
 
-    def __init__(self, settings: FixedSettings | None = None, **kwargs):
-        super().__init__(settings, **kwargs)
-        self._called = False
-
     def _weights(self) -> tuple[float, float]:
         return self.settings.cls, self.settings.reg
 
     def forward(self, cls_loss: Tensor, reg_loss: Tensor, kpis: dict | None = None) -> tuple[Tensor, Tensor]:
-        self._called = True
         cls_weight, reg_weight = self._weights()
+        self._host.last = {"cls": cls_weight, "reg": reg_weight}
         return cls_weight * cls_loss, reg_weight * reg_loss
-
-    def log_values(self) -> dict[str, Tensor | float]:
-        if not self._called:
-            return {}
-        cls_weight, reg_weight = self._weights()
-        return {"cls": cls_weight, "reg": reg_weight}
 
 
 class NoWeighting(FixedWeights):

@@ -32,13 +32,7 @@ class GuidedLoss(LossWeighting):
     name = "guided"
     Settings = GuidedSettings
 
-    def __init__(self, settings: GuidedSettings | None = None, **kwargs):
-        super().__init__(settings, **kwargs)
-        self._cls_weight: Tensor | None = None
-
     def forward(self, cls_loss: Tensor, reg_loss: Tensor, kpis: dict | None = None) -> tuple[Tensor, Tensor]:
-        self._cls_weight = reg_loss.detach() / cls_loss.detach().clamp_min(self.settings.eps)
-        return self._cls_weight * cls_loss, reg_loss
-
-    def log_values(self) -> dict[str, Tensor | float]:
-        return {} if self._cls_weight is None else {"cls": self._cls_weight, "reg": 1.0}
+        cls_weight = reg_loss.detach() / cls_loss.detach().clamp_min(self.settings.eps)
+        self._host.last = {"cls": cls_weight, "reg": 1.0}
+        return cls_weight * cls_loss, reg_loss

@@ -39,14 +39,10 @@ class UncertaintyWeighting(LossWeighting):
         super().__init__(settings, **kwargs)
         self.log_var_cls = nn.Parameter(torch.zeros(()))
         self.log_var_reg = nn.Parameter(torch.zeros(()))
-        self._last: dict[str, Tensor | float] = {}
 
     def forward(self, cls_loss: Tensor, reg_loss: Tensor, kpis: dict | None = None) -> tuple[Tensor, Tensor]:
         self._follow(cls_loss)
         cls_weight = torch.exp(-self.log_var_cls)
         reg_weight = torch.exp(-self.log_var_reg)
-        self._last = {"cls": cls_weight.detach(), "reg": reg_weight.detach()}
+        self._host.last = {"cls": cls_weight.detach(), "reg": reg_weight.detach()}
         return cls_weight * cls_loss + self.log_var_cls, reg_weight * reg_loss + self.log_var_reg
-
-    def log_values(self) -> dict[str, Tensor | float]:
-        return dict(self._last)
