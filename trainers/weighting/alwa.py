@@ -35,6 +35,9 @@ choose between the paper and the released code:
                 two modes coincide; they differ only in the λ0 ablation (Table 6).
                 The records are the weighted losses w_cls·L̂cls and λ0·L̂reg in
                 both modes, so the ratio α of the next update sees w_cls.
+                In both modes the buffer ``alpha`` is the last ratio
+                score_reg / score_cls that replaced α (1 before any) and the
+                buffer ``cls_weight`` is w_cls.
 
 A window of a single record (interval 1, or the paper convention's first window)
 has std 0 in both conventions: the sample std of one value is undefined (NaN), and a
