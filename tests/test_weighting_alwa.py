@@ -12,15 +12,18 @@ import statistics
 import pytest
 import torch
 
+from pydantic import ValidationError
+
 from trainers.errors import ConfigError
-from trainers.weighting import ALWA, build_weighting
+from trainers.weighting import ALWA, ALWASettings, build_weighting, validate_weighting_config
 
 
 class NaiveALWA:
-    def __init__(self, variant, lambda0, interval, convention, records):
+    def __init__(self, variant, lambda0, interval, convention, records, lambda0_mode="paper"):
         self.variant, self.lambda0, self.interval = variant, lambda0, interval
-        self.convention, self.records = convention, records
+        self.convention, self.records, self.lambda0_mode = convention, records, lambda0_mode
         self.alpha = 1.0
+        self.released_weight = lambda0  # the released head's cls_weight: λ0, then α once replaced
         self.k = 0
         self.s_cls, self.s_reg = [], []
         self.updates = []  # (k, cls score, reg score) of every update
@@ -40,7 +43,8 @@ class NaiveALWA:
 
     def step(self, cls, reg):
         self.k += 1
-        cls_weighted = self.alpha * self.lambda0 * cls
+        cls_weight = self.alpha * self.lambda0 if self.lambda0_mode == "paper" else self.released_weight
+        cls_weighted = cls_weight * cls
         reg_weighted = self.lambda0 * reg
         if self.records == "weighted":
             self.s_cls.append(cls_weighted)
@@ -58,6 +62,7 @@ class NaiveALWA:
             self.updates.append((self.k, cls_score, reg_score))
             if cls_score > reg_score:
                 self.alpha = reg_score / cls_score
+                self.released_weight = self.alpha
         return cls_weighted, reg_weighted, updated
 
 
@@ -79,35 +84,43 @@ def loss_sequence(seed, n):
 WINDOW_KEYS = ("window/cls_mean", "window/cls_std", "window/reg_mean", "window/reg_std")
 
 
+def updated(alwa):
+    """Whether the last call updated α: only updating calls log the window statistics."""
+    return WINDOW_KEYS[0] in alwa.log_values()
+
+
 def run_alwa(alwa, losses, windows=None):
     """Per call: (cls_w, reg_w, updated, α for the next call); the logged window
     statistics of the updating calls are appended to ``windows``."""
     rows = []
     for cls, reg in losses:
         cls_w, reg_w = alwa(torch.tensor(cls, dtype=torch.float64), torch.tensor(reg, dtype=torch.float64))
-        rows.append((float(cls_w), float(reg_w), alwa.updated(), alwa.alpha))
-        if windows is not None and alwa.updated():
+        rows.append((float(cls_w), float(reg_w), updated(alwa), float(alwa.alpha)))
+        if windows is not None and updated(alwa):
             logged = alwa.log_values()
             windows.append(tuple(float(logged[key]) for key in WINDOW_KEYS))
     return rows
 
 
 CASES = [
-    (variant, convention, records, interval)
+    (variant, convention, records, interval, "paper")
     for variant in (1, 2)
     for convention in ("official", "paper")
     for records in ("weighted", "raw")
     for interval in (1, 3, 7, 100)
-]
+] + [(variant, "official", records, interval, "released")
+     for variant in (1, 2) for records in ("weighted", "raw") for interval in (3, 100)]
 
 
-@pytest.mark.parametrize("variant,convention,records,interval", CASES)
-def test_alpha_sequence_matches_naive_reference_and_resumes_identically(variant, convention, records, interval):
+@pytest.mark.parametrize("variant,convention,records,interval,lambda0_mode", CASES)
+def test_alpha_sequence_matches_naive_reference_and_resumes_identically(variant, convention, records, interval,
+                                                                        lambda0_mode):
     n_calls = 1200
-    seed = CASES.index((variant, convention, records, interval))
+    seed = CASES.index((variant, convention, records, interval, lambda0_mode))
     losses = loss_sequence(seed, n_calls)
-    lambda0 = 0.75 if variant == 2 else 1.0
-    config = dict(variant=variant, lambda0=lambda0, interval=interval, convention=convention, records=records)
+    lambda0 = 0.75 if variant == 2 or lambda0_mode == "released" else 1.0
+    config = dict(variant=variant, lambda0=lambda0, interval=interval, convention=convention, records=records,
+                  lambda0_mode=lambda0_mode)
 
     reference = NaiveALWA(**config)
     expected = []
@@ -148,7 +161,7 @@ def test_alpha_sequence_matches_naive_reference_and_resumes_identically(variant,
     buffer.seek(0)
     resumed = ALWA(**config)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    assert resumed.alpha == first.alpha
+    assert float(resumed.alpha) == float(first.alpha)
     tail = run_alwa(resumed, losses[stop:])
     assert head + tail == got  # exact: same arithmetic, same records
 
@@ -156,7 +169,7 @@ def test_alpha_sequence_matches_naive_reference_and_resumes_identically(variant,
 def test_weighted_values_gradients_and_alpha_is_the_next_calls_alpha():
     alwa = ALWA(variant=2, lambda0=0.5, interval=4)
     rng = random.Random(3)
-    next_alpha = alwa.alpha
+    next_alpha = float(alwa.alpha)
     assert next_alpha == 1.0
     seen_alpha_below_one = False
     for k in range(1, 41):
@@ -178,7 +191,7 @@ def test_weighted_values_gradients_and_alpha_is_the_next_calls_alpha():
         assert float(logged["cls"]) == pytest.approx(next_alpha * 0.5, rel=1e-12)
         assert logged["reg"] == 0.5
         seen_alpha_below_one |= next_alpha < 1
-        next_alpha = alwa.alpha
+        next_alpha = float(alwa.alpha)
     assert seen_alpha_below_one
 
 
@@ -191,7 +204,6 @@ def test_log_values_keys_on_update_and_non_update_calls():
         window.append((float(alwa.log_values()["cls"]) * cls, reg))
         keys = set(alwa.log_values())
         if k % 5 == 0:
-            assert alwa.updated()
             assert keys == {"cls", "reg", "alpha", "window/cls_mean", "window/cls_std",
                             "window/reg_mean", "window/reg_std"}
             values = alwa.log_values()
@@ -203,7 +215,6 @@ def test_log_values_keys_on_update_and_non_update_calls():
             assert float(values["window/reg_std"]) == pytest.approx(statistics.stdev(reg_records), rel=1e-5)
             window = []
         else:
-            assert not alwa.updated()
             assert keys == {"cls", "reg", "alpha"}
     assert ALWA().log_values() == {}
 
@@ -223,7 +234,7 @@ def test_float32_losses_keep_their_dtype():
         cls_w, reg_w = alwa(torch.tensor(2.0), torch.tensor(0.5))
         assert cls_w.dtype == torch.float32 and reg_w.dtype == torch.float32
     # windows of identical values: mean+std = 2·α_prev vs 0.5 (ddof=1 std is 0)
-    assert alwa.alpha == pytest.approx(0.25)
+    assert float(alwa.alpha) == pytest.approx(0.25)
 
 
 class SyncCounter:
@@ -255,11 +266,11 @@ def test_no_host_sync_per_call_nor_per_update(monkeypatch, convention, sync_reco
     for cls, reg in losses[1:]:
         alwa(cls, reg)
         alwa.log_values()
-        updates += alwa.updated()
+        updates += updated(alwa)
     monkeypatch.undo()
     assert updates >= 7
     assert counter.calls == []
-    assert alwa.alpha < 1.0  # the updates did happen on the device
+    assert float(alwa.alpha) < 1.0  # the updates did happen on the device
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -276,7 +287,7 @@ def test_no_cuda_sync_under_sync_debug_mode():
             alwa.log_values()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert 0 < alwa.alpha <= 1
+    assert 0 < float(alwa.alpha) <= 1
 
 
 def test_state_dict_rejects_a_different_configuration():
@@ -291,7 +302,7 @@ def test_state_dict_round_trip_right_after_an_update():
     full = run_alwa(ALWA(variant=2, interval=5), losses)
     first = ALWA(variant=2, interval=5)
     head = run_alwa(first, losses[:20])  # call 20 updated: empty window saved
-    assert first.state_dict()["window"].shape == (2, 0)
+    assert first.state_dict()["_extra_state"]["count"] == 0
     resumed = ALWA(variant=2, interval=5)
     resumed.load_state_dict(first.state_dict())
     assert head + run_alwa(resumed, losses[20:]) == full
@@ -345,23 +356,83 @@ def test_sync_records_averages_the_records_across_ranks(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("variant", 3), ("variant", "1"), ("variant", 1.0), ("variant", True), ("interval", 0), ("interval", -5), ("interval", 2.5),
-    ("lambda0", 0.0), ("lambda0", -1.0), ("convention", "oficial"), ("records", "weigted"),
-    ("sync_records", "yes"),
+    ("variant", 3), ("variant", "1"), ("variant", 1.0), ("variant", True), ("interval", 0), ("interval", -5),
+    ("interval", 2.5), ("interval", 1_000_001), ("interval", True), ("lambda0", 0.0), ("lambda0", -1.0),
+    ("lambda0", math.inf), ("lambda0", math.nan), ("lambda0", "1"), ("convention", "oficial"),
+    ("records", "weigted"), ("sync_records", "yes"), ("sync_records", 1), ("lambda0_mode", "release"),
 ])
 def test_alwa_config_errors_name_the_field(field, value):
-    with pytest.raises(ConfigError) as error:
-        build_weighting({"method": "alwa", field: value})
-    assert error.value.where == f"weighting.{field}"
-    with pytest.raises(ConfigError):
-        ALWA(**{field: value})
+    for make in (lambda: build_weighting({"method": "alwa", field: value}), lambda: ALWA(**{field: value})):
+        with pytest.raises(ValidationError) as error:
+            make()
+        # the union's tag "alwa" comes first through build_weighting
+        assert {e["loc"][1] if e["loc"][0] == "alwa" else e["loc"][0] for e in error.value.errors()} == {field}
+    with pytest.raises(ConfigError) as config_error:  # the dict config's one-paragraph error
+        validate_weighting_config({"method": "alwa", field: value})
+    assert config_error.value.where == f"weighting.{field}"
 
 
 def test_build_weighting_makes_the_configured_alwa():
-    alwa = build_weighting({"method": "alwa", "head": "rpn", "variant": 2, "lambda0": 0.5, "interval": 20,
-                            "convention": "paper", "records": "raw", "sync_records": False})
+    settings = dict(variant=2, lambda0=0.5, interval=20, convention="paper", records="raw", sync_records=False,
+                    lambda0_mode="released")
+    alwa = build_weighting({"method": "alwa", "head": "rpn", **settings})
     assert isinstance(alwa, ALWA)
-    assert (alwa.variant, alwa.lambda0, alwa.interval, alwa.convention, alwa.records) == (2, 0.5, 20, "paper", "raw")
-    default = build_weighting({"method": "alwa"})
+    assert alwa.settings == ALWASettings(head="rpn", **settings)
+    assert alwa.window.shape == (2, 20)
+    assert ALWA(ALWASettings(**settings)).settings == ALWA(**settings).settings
+    default = build_weighting({"method": "alwa"}).settings
     assert (default.variant, default.lambda0, default.interval, default.convention, default.records,
-            default.sync_records) == (1, 1.0, 100, "official", "weighted", False)
+            default.sync_records, default.lambda0_mode, default.head) == (
+        1, 1.0, 100, "official", "weighted", False, "paper", "auto")
+    with pytest.raises(TypeError):
+        ALWA(ALWASettings(), interval=3)
+
+
+@pytest.mark.parametrize("changed", [
+    {"variant": 2}, {"lambda0": 0.5}, {"interval": 20}, {"convention": "paper"}, {"records": "raw"},
+    {"lambda0_mode": "released"},
+])
+def test_state_dict_refuses_other_settings_and_leaves_the_state_untouched(changed):
+    alwa = ALWA(interval=10)
+    for k in range(13):
+        alwa(torch.tensor(1.0 + k % 3), torch.tensor(1.0))
+    saved = alwa.state_dict()
+    other = ALWA(**{"interval": 10, **changed})
+    before = {key: value.clone() for key, value in other.state_dict().items() if torch.is_tensor(value)}
+    with pytest.raises(ValueError, match=next(iter(changed))):
+        other.load_state_dict(saved)
+    after = other.state_dict()
+    assert all(torch.equal(after[key], value) for key, value in before.items())
+    assert after["_extra_state"]["calls"] == 0
+    # sync_records and head may change between runs
+    ALWA(interval=10, sync_records=True, head="rpn").load_state_dict(saved)
+
+
+def test_lambda0_modes_against_a_hand_computation():
+    """λ0 = 0.5, ALWA_1, C = 2, official (sample std), weighted records.
+
+    Window 1 (both modes, w_cls = λ0 = 0.5): cls records 0.5·(4, 6) = (2, 3), reg 0.5·(2, 2) = (1, 1);
+    scores 2.5 + √0.5 and 1 + 0: α1 = 1 / (2.5 + √0.5).
+      paper:    w_cls = α1·λ0          released: w_cls = α1 (AnchorHead.loss: cls_weight = BBOX/CLS)
+    Window 2: raw cls (8, 8), reg (2, 2): cls score w_cls·8, reg score 1 (std 0): α2 = 1 / (8·w_cls).
+      paper:    w_cls = α2·λ0 = λ0 / (8·α1·λ0) = 1 / (8·α1)     released: w_cls = 1 / (8·α1): equal again
+    Window 3: raw cls (1, 3), reg (2, 2): cls score w·(2 + √2), α3 = 1 / (w·(2 + √2)).
+    """
+    lam = 0.5
+    alpha1 = 1 / (2.5 + math.sqrt(0.5))
+    w2 = {"paper": alpha1 * lam, "released": alpha1}
+    w3 = {"paper": lam / (8 * w2["paper"]), "released": 1 / (8 * w2["released"])}
+    alpha3 = {mode: 1 / (w3[mode] * (2 + math.sqrt(2))) for mode in w3}
+    w4 = {"paper": alpha3["paper"] * lam, "released": alpha3["released"]}
+    assert w3["paper"] == pytest.approx(w3["released"])
+    assert w2["released"] == pytest.approx(w2["paper"] / lam) and w4["released"] == pytest.approx(w4["paper"] / lam)
+    cls_losses = [4.0, 6.0, 8.0, 8.0, 1.0, 3.0, 5.0]
+    for mode in ("paper", "released"):
+        alwa = ALWA(variant=1, lambda0=lam, interval=2, lambda0_mode=mode)
+        expected = [lam, lam, w2[mode], w2[mode], w3[mode], w3[mode], w4[mode]]
+        for cls, w in zip(cls_losses, expected):
+            cls_w, reg_w = alwa(torch.tensor(cls, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
+            assert float(cls_w) == pytest.approx(w * cls, rel=1e-12), mode
+            assert float(reg_w) == pytest.approx(lam * 2.0, rel=1e-12)
+            assert float(alwa.log_values()["cls"]) == pytest.approx(w, rel=1e-12)
+        assert float(alwa.alpha) == pytest.approx(alpha3[mode], rel=1e-12)

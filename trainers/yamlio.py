@@ -12,9 +12,13 @@ Policy (what is refused, and why):
   YAML spec allows. Anything else (Latin-1, Windows-1252, UTF-16 without a BOM, binary)
   is refused with the byte offset, line and column of the first bad byte and "save it
   as UTF-8". NUL bytes are refused the same way.
-- **Anchors and aliases** (``&a`` / ``*a``) are refused outright: nothing a spec needs
-  is shorter with them, and they are how an 833-byte file expands to gigabytes
-  ("billion laughs"). Merge keys (``<<:``) go with them.
+- **Anchors and aliases** (``&a`` / ``*a``) are allowed in files (the paper specs share
+  a dataset block or a weight list between grid blocks with them) but bounded: the
+  document, with every alias expanded, may hold at most :data:`MAX_EXPANDED_NODES`
+  nodes, counted on the composed graph before anything is built (an 833-byte "billion
+  laughs" file is refused in microseconds instead of expanding to gigabytes), and a
+  recursive alias is refused. ``--set`` values may not use them. Merge keys (``<<:``)
+  are refused.
 - **Duplicate keys** are an error naming the key path and both line numbers (PyYAML
   silently keeps the last one).
 - **Keys** must be strings: ``1:``, ``null:``, and the YAML 1.1 booleans ``yes:`` /
@@ -44,6 +48,7 @@ from trainers.errors import ConfigError
 MAX_BYTES = 1 << 20  # per file
 MAX_SET_CHARS = 64 * 1024  # per --set value
 MAX_DEPTH = 64  # nested mappings / lists
+MAX_EXPANDED_NODES = 100_000  # a document with its aliases expanded (a paper spec: ~1,000)
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -74,19 +79,23 @@ class _RefusedConstruct(Exception):
 
 
 class _Loader(yaml.SafeLoader):
-    """The safe loader, refusing anchors/aliases and deep nesting while composing."""
+    """The safe loader, refusing deep nesting (and, for ``--set`` values, anchors and
+    aliases) while composing."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, allow_aliases: bool = False):
         super().__init__(stream)
         self._depth = 0
+        self._allow_aliases = allow_aliases
 
     def compose_node(self, parent, index):
         event = self.peek_event()
         line = event.start_mark.line + 1
-        if isinstance(event, AliasEvent):
+        if self._allow_aliases:
+            pass
+        elif isinstance(event, AliasEvent):
             raise _RefusedConstruct(f"line {line}: YAML aliases (*{event.anchor}) are not allowed.",
                                     "Write the value out in full instead of referring to an anchor.")
-        if isinstance(event, (ScalarEvent, CollectionStartEvent)) and event.anchor is not None:
+        elif isinstance(event, (ScalarEvent, CollectionStartEvent)) and event.anchor is not None:
             raise _RefusedConstruct(f"line {line}: YAML anchors (&{event.anchor}) are not allowed.",
                                     "Remove the anchor and write each value out in full.")
         if isinstance(event, CollectionStartEvent):
@@ -106,11 +115,53 @@ _Loader.add_constructor("tag:yaml.org,2002:value", yaml.SafeLoader.construct_yam
 _Loader.add_constructor(_MERGE_TAG, yaml.SafeLoader.construct_yaml_str)
 
 
+def _expanded_size(root) -> int:
+    """Nodes of the document with every alias expanded, counted on the composed graph
+    (an alias is the anchored node itself, so shared nodes are counted once per use,
+    without expanding anything); a recursive alias is refused."""
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        children = ([child for pair in node.value for child in pair] if isinstance(node, MappingNode)
+                    else list(node.value) if isinstance(node, SequenceNode) else [])
+        if children_done:
+            in_progress.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[key] > MAX_EXPANDED_NODES:
+                line = node.start_mark.line + 1
+                raise _RefusedConstruct(f"line {line}: with its aliases expanded the document holds more than "
+                                        f"{MAX_EXPANDED_NODES:,} values.",
+                                        "Use fewer nested aliases (a spec holds a few hundred values).")
+            continue
+        if key in in_progress:
+            raise _RefusedConstruct(f"line {node.start_mark.line + 1}: a recursive alias (a value that "
+                                    "contains itself).", "Remove the alias from inside its own anchor.")
+        in_progress.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in in_progress:
+                raise _RefusedConstruct(f"line {child.start_mark.line + 1}: a recursive alias (a value that "
+                                        "contains itself).", "Remove the alias from inside its own anchor.")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
 def _check_keys(node, path: str = "") -> None:
-    """Keys are plain strings, none repeated in a mapping (walks the composed tree)."""
+    """Keys are plain strings, none repeated in a mapping (walks the composed graph,
+    each shared node once)."""
     stack = [(node, path)]
+    visited: set[int] = set()
     while stack:
         current, where = stack.pop()
+        if id(current) in visited:
+            continue
+        visited.add(id(current))
         if isinstance(current, SequenceNode):
             stack.extend((child, f"{where}[{i}]") for i, child in enumerate(current.value))
             continue
@@ -145,13 +196,15 @@ def _at(where: str) -> str:
     return f" under {where!r}" if where else ""
 
 
-def _compose_and_construct(text: str) -> Any:
+def _compose_and_construct(text: str, *, allow_aliases: bool = False) -> Any:
     """The one document of ``text``; raises _RefusedConstruct or yaml.YAMLError."""
-    loader = _Loader(text)
+    loader = _Loader(text, allow_aliases=allow_aliases)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
+        if allow_aliases:
+            _expanded_size(node)
         _check_keys(node)
         return loader.construct_document(node)
     finally:
@@ -222,7 +275,7 @@ def loads_yaml(text: str, source: str, *, top_level_mapping: bool = True) -> Any
                           f"{MAX_BYTES:,} (1 MiB).", "A spec or config is a few kilobytes; "
                           "check that this is the right file.")
     try:
-        data = _compose_and_construct(text)
+        data = _compose_and_construct(text, allow_aliases=True)
     except _RefusedConstruct as exc:
         raise ConfigError(source, exc.problem, exc.hint) from None
     except yaml.constructor.ConstructorError as exc:

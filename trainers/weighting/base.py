@@ -1,22 +1,35 @@
-"""The interface every loss-weighting method implements, and the shared value checks.
+"""The interface every loss-weighting method implements, and the settings they share.
 
 A weighting method acts on the (classification, regression) loss pair of one
-detection head. The engine calls it once per training iteration with the two
-unweighted scalar losses and back-propagates the two weighted losses it returns, so
-``__call__`` runs in the hot loop: it must not synchronise with the device
-(no ``Tensor.item``, ``float(tensor)``, ``bool(tensor)``, ``Tensor.cpu``). Whatever a method
-needs to decide on the host (whether an update happens) depends on call counts only.
+detection head. It is a ``torch.nn.Module``: the engine calls it once per training
+iteration with the two unweighted scalar losses and back-propagates the two weighted
+losses it returns, so ``forward`` runs in the hot loop and must not synchronise with
+the device (no ``Tensor.item``, ``float(tensor)``, ``bool(tensor)``, ``Tensor.cpu``).
+Whatever a method decides on the host (whether an update happens) depends on call
+counts only.
+
+State, the nn.Module way: learnable weights are ``nn.Parameter``s, device state is in
+registered buffers, host-side counters go through ``get_extra_state`` /
+``set_extra_state`` (plain Python values). So ``state_dict()`` / ``load_state_dict()``
+hold everything a resumed run needs to continue the identical weight sequence,
+``torch.load(weights_only=True)`` reads it back, and ``.to(device)`` moves it all.
+Floating buffers are float64; ``.to(dtype)`` would cast them, so move only devices.
+
+Each method's hyper-parameters are a frozen pydantic model (its ``Settings``),
+subclassing :class:`WeightingSettings`: the defaults, ranges and documentation are
+written there once. A method is built as ``ALWA(settings)`` or ``ALWA(interval=20)``
+(keywords validated through the settings model).
 """
 
 from __future__ import annotations
 
-import abc
-import math
+import itertools
+from types import SimpleNamespace
+from typing import ClassVar, Literal
 
 import torch
-from torch import Tensor
-
-from trainers.errors import ConfigError, choice_error
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
 
 
 class WeightOverflowError(ArithmeticError):
@@ -27,22 +40,43 @@ class WeightOverflowError(ArithmeticError):
     """
 
 
-class LossWeighting(abc.ABC):
+class WeightingSettings(BaseModel):
+    """The settings every method shares (the config section ``weighting``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+    head: Literal["auto", "rpn", "roi", "retina"] = Field(
+        "auto", description="The head whose (cls, reg) loss pair is weighted. 'auto': the detector's "
+        "anchor head, as in the released ALWA code (the RPN of two-stage detectors, RetinaNet's head).")
+
+
+class LossWeighting(nn.Module):
     """Turns a head's unweighted (cls, reg) losses into the weighted pair to train on."""
 
-    name: str = "base"
+    name: ClassVar[str]
+    Settings: ClassVar[type[WeightingSettings]]
 
-    @abc.abstractmethod
-    def __call__(self, cls_loss: Tensor, reg_loss: Tensor, *, kpis: dict | None = None) -> tuple[Tensor, Tensor]:
+    def __init__(self, settings: WeightingSettings | None = None, **kwargs):
+        super().__init__()
+        if settings is None:
+            settings = self.Settings(**kwargs)
+        elif kwargs:
+            raise TypeError(f"{type(self).__name__}: pass either a settings object or keywords, not both.")
+        elif type(settings) is not self.Settings:
+            raise TypeError(f"{type(self).__name__} needs {self.Settings.__name__}, got {type(settings).__name__}.")
+        self.settings = settings
+        # Host-side state changed per call lives in a plain namespace: nn.Module's
+        # __setattr__ costs microseconds per assignment in the hot loop.
+        self._host = SimpleNamespace(last={})
+        self._state_device: torch.device | None = None  # where buffers and parameters live
+
+    def forward(self, cls_loss: Tensor, reg_loss: Tensor, kpis: dict | None = None) -> tuple[Tensor, Tensor]:
         """Scalar tensors in, weighted scalar tensors out (autograd graph kept).
 
         ``kpis`` (used by DTP only) holds detached scalar tensors the detector computes
         for the weighted head: ``cls_acc`` and ``reg_iou``, both in (0, 1).
         """
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        """Learnable weights; the engine adds them to the optimizer."""
-        return []
+        raise NotImplementedError
 
     def log_values(self) -> dict[str, Tensor | float]:
         """Values to log for the last call, without a host sync.
@@ -51,67 +85,26 @@ class LossWeighting(abc.ABC):
         before the first call); methods add their own keys (ALWA: ``alpha`` and, right
         after an update, the ``window/...`` statistics).
         """
-        return {}
-
-    def updated(self) -> bool:
-        """Whether the last call performed an update of the weights (known on the host)."""
-        return False
-
-    def to(self, device: torch.device | str) -> "LossWeighting":
-        """Move learnable weights to ``device`` (optional: every method also follows the
-        losses' device by itself at its first call)."""
-        return self
+        return dict(self._host.last)
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called by the engine after each epoch (DWA with per-epoch periods uses it)."""
 
-    def state_dict(self) -> dict:
-        """Everything needed for a resumed run to continue the identical weight sequence.
+    def _follow(self, loss: Tensor) -> None:
+        """Move the state to the loss's device if it lives elsewhere (a one-time move
+        when the caller did not ``.to(device)``; a device check is host metadata)."""
+        if self._state_device is None:
+            state = next(itertools.chain(self.buffers(), self.parameters()), None)
+            if state is None:
+                return
+            self._state_device = state.device
+        if self._state_device != loss.device:
+            self.to(loss.device)
 
-        Only plain values and CPU tensors, so that ``torch.load(weights_only=True)``
-        can read it back.
-        """
-        return {}
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), ...: the state's device is looked up again at the next call.
+        self._state_device = None
+        return super()._apply(fn, recurse)
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned."""
-
-
-# ---- value checks shared by the constructors (they name the config field at fault) ----
-
-def field(key: str) -> str:
-    """The dotted config field of a weighting hyper-parameter, for error messages."""
-    return f"weighting.{key}"
-
-
-def check_choice(key: str, value, allowed) -> None:
-    # Exact types: True == 1 and 1.0 == 1 in Python, but neither is variant 1.
-    if not any(type(value) is type(a) and value == a for a in allowed):
-        raise choice_error(field(key), value, allowed)
-
-
-def check_number(key: str, value, *, low: float, high: float = math.inf,
-                 low_closed: bool = False, high_closed: bool = False) -> float:
-    """A finite real number in the interval from ``low`` to ``high``; returned as float."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value >= low if low_closed else value > low) and (value <= high if high_closed else value < high)
-    if not ok:
-        if math.isinf(high):
-            bounds = f"{'>=' if low_closed else '>'} {low:g}"
-        else:
-            bounds = f"in {'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
-        raise ConfigError(field(key), f"must be a finite number {bounds} (got {value!r}).")
-    return float(value)
-
-
-def check_positive_int(key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(field(key), f"must be an integer >= 1 (got {value!r}).")
-    return value
-
-
-def check_bool(key: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(field(key), f"must be true or false (got {value!r}).")
-    return value
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.settings.model_dump().items())

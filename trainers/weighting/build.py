@@ -1,78 +1,121 @@
-"""The weighting methods by name, and the config section that picks one.
+"""The weighting methods by name, the typed config section that picks one, the builder.
 
     weighting:
-      method: none | fixed | alwa | guided | dwa | dtp | uncertainty
+      method: none | fixed | alwa | guided | dwa | dtp | uncertainty   (missing: none)
       head: auto | rpn | roi | retina   # the head whose (cls, reg) pair is weighted
-      ...                               # the method's hyper-parameters (its class docstring)
+      ...                               # the method's hyper-parameters (its Settings model)
 
-A method's allowed keys are its constructor's parameters; the constructors check the
-values, so the checks live in one place.
+``WeightingConfig`` is the pydantic type of that section: a union of the methods'
+settings models discriminated by ``method``. Defaults, ranges and documentation
+live in the settings models only.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
+from typing import Annotated, Any, Union
 
-from trainers.errors import ConfigError, choice_error
-from trainers.weighting.alwa import ALWA
-from trainers.weighting.base import LossWeighting, check_choice
-from trainers.weighting.dtp import DTP
-from trainers.weighting.dwa import DWA
-from trainers.weighting.fixed import FixedWeights, NoWeighting
-from trainers.weighting.guided import GuidedLoss
-from trainers.weighting.uncertainty import UncertaintyWeighting
+from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
+
+from trainers.errors import ConfigError
+from trainers.weighting.alwa import ALWA, ALWASettings
+from trainers.weighting.base import LossWeighting, WeightingSettings
+from trainers.weighting.dtp import DTP, DTPSettings
+from trainers.weighting.dwa import DWA, DWASettings
+from trainers.weighting.fixed import FixedSettings, FixedWeights, NoneSettings, NoWeighting
+from trainers.weighting.guided import GuidedLoss, GuidedSettings
+from trainers.weighting.uncertainty import UncertaintySettings, UncertaintyWeighting
 
 WEIGHTINGS: dict[str, type[LossWeighting]] = {
-    "none": NoWeighting,
-    "fixed": FixedWeights,
-    "alwa": ALWA,
-    "guided": GuidedLoss,
-    "dwa": DWA,
-    "dtp": DTP,
-    "uncertainty": UncertaintyWeighting,
+    method_class.name: method_class
+    for method_class in (NoWeighting, FixedWeights, ALWA, GuidedLoss, DWA, DTP, UncertaintyWeighting)
 }
 
-# "auto" lets the engine pick the detector's anchor head (RPN, or RetinaNet's head).
-HEADS = ("auto", "rpn", "roi", "retina")
-COMMON_KEYS = ("method", "head")
+_METHODS = ", ".join(repr(name) for name in WEIGHTINGS)
 
 
-def hyper_parameters(method_class: type[LossWeighting]) -> list[str]:
-    """The config keys a method accepts besides ``method`` and ``head``."""
-    signature = inspect.signature(method_class.__init__)
-    return [name for name in signature.parameters if name != "self"]
+def _method_of(value: Any) -> str | None:
+    """The discriminator: a missing ``method`` means "none"."""
+    method = value.get("method", "none") if isinstance(value, Mapping) else getattr(value, "method", "none")
+    return method if isinstance(method, str) else None
 
 
-def _method_and_options(cfg: Mapping | None) -> tuple[type[LossWeighting], dict]:
-    if cfg is None:
-        cfg = {}
-    if not isinstance(cfg, Mapping):
-        raise ConfigError("weighting", f"must be a mapping of settings (got {type(cfg).__name__}).",
-                          "Write it as 'weighting: {method: alwa, ...}'.")
-    method = cfg.get("method", "none")
-    if not isinstance(method, str) or method not in WEIGHTINGS:
-        raise choice_error("weighting.method", method, WEIGHTINGS)
-    check_choice("head", cfg.get("head", "auto"), HEADS)
-    method_class = WEIGHTINGS[method]
-    allowed = hyper_parameters(method_class)
-    options = {key: value for key, value in cfg.items() if key not in COMMON_KEYS}
-    for key in options:
-        if key not in allowed:
-            allowed_keys = ", ".join(list(COMMON_KEYS) + allowed)
-            raise ConfigError(f"weighting.{key}", f"is not a setting of method {method!r}.",
-                              f"Allowed keys for {method}: {allowed_keys}.")
-    return method_class, options
+WeightingConfig = Annotated[
+    Union[
+        Annotated[NoneSettings, Tag("none")],
+        Annotated[FixedSettings, Tag("fixed")],
+        Annotated[ALWASettings, Tag("alwa")],
+        Annotated[GuidedSettings, Tag("guided")],
+        Annotated[DWASettings, Tag("dwa")],
+        Annotated[DTPSettings, Tag("dtp")],
+        Annotated[UncertaintySettings, Tag("uncertainty")],
+    ],
+    Discriminator(_method_of, custom_error_type="weighting_method",
+                  custom_error_message=f"method should be one of {_METHODS}",
+                  custom_error_context={"discriminator": "method"}),
+]
+
+_ADAPTER: TypeAdapter[WeightingSettings] = TypeAdapter(WeightingConfig)
 
 
-def validate_weighting_config(cfg: Mapping | None) -> None:
-    """Raise ConfigError naming the field if ``cfg`` (the ``weighting`` section) is invalid."""
-    build_weighting(cfg)  # construction is cheap and touches no device: the constructors are the checks
+def parse_weighting(cfg: Mapping | WeightingSettings | None) -> WeightingSettings:
+    """The settings model of a ``weighting`` section (None or {}: method "none").
+    Raises pydantic's ValidationError; the first element of an error's ``loc`` is the
+    method's tag, the second the field (see :func:`field_of`)."""
+    return _ADAPTER.validate_python({} if cfg is None else cfg)
 
 
-def build_weighting(cfg: Mapping | None) -> LossWeighting:
-    """The weighting method described by the ``weighting`` config section (None or {}: ``none``)."""
-    if hasattr(cfg, "model_dump"):  # interim: typed settings
-        cfg = cfg.model_dump()
-    method_class, options = _method_and_options(cfg)
-    return method_class(**options)
+def build_weighting(settings: WeightingSettings | Mapping | None) -> LossWeighting:
+    """The weighting method for ``settings`` (a settings model, or a plain dict / None
+    validated through ``WeightingConfig``)."""
+    if not isinstance(settings, WeightingSettings):
+        settings = parse_weighting(settings)
+    return WEIGHTINGS[settings.method](settings)
+
+
+def hyper_parameters(settings: WeightingSettings) -> dict:
+    """The method's hyper-parameters with their values, defaults included (without
+    ``method`` and ``head``): what a run records as parameters."""
+    return settings.model_dump(exclude={"method", "head"})
+
+
+def field_of(error: dict) -> str:
+    """The dotted config field of one ``ValidationError.errors()`` entry: the union's
+    tag dropped, and a bad or missing discriminator reported as ``weighting.method``."""
+    loc = error["loc"]
+    if not loc or error["type"] == "weighting_method":
+        return "weighting.method" if error["type"] == "weighting_method" else "weighting"
+    return "weighting" if len(loc) == 1 else f"weighting.{loc[1]}"
+
+
+def config_error(exc: ValidationError) -> ConfigError:
+    """The project's one-paragraph error for the first bad field of a ``weighting``
+    section (the messages of a union's alternatives for that field are joined)."""
+    errors = exc.errors()
+    where = field_of(errors[0])
+    first = errors[0]
+    if first["type"] == "weighting_method":
+        method = first["input"].get("method") if isinstance(first["input"], Mapping) else first["input"]
+        return ConfigError(where, f"unknown value {method!r}.", f"Allowed values: {', '.join(WEIGHTINGS)}.")
+    if first["type"] == "model_type":
+        return ConfigError(where, f"must be a mapping of settings (got {type(first['input']).__name__}).",
+                           "Write it as 'weighting: {method: alwa, ...}'.")
+    if first["type"] == "extra_forbidden":
+        method = first["loc"][0]
+        allowed = ", ".join(WEIGHTINGS[method].Settings.model_fields)
+        return ConfigError(where, f"is not a setting of method {method!r}.",
+                           f"Allowed keys for {method}: {allowed}.")
+    messages = list(dict.fromkeys(e["msg"] for e in errors if field_of(e) == where))
+    prefix = "Input should be "
+    problem = messages[0] + "".join(
+        f" or {m.removeprefix(prefix) if messages[0].startswith(prefix) else m}" for m in messages[1:])
+    return ConfigError(where, f"{problem} (got {first['input']!r}).")
+
+
+def validate_weighting_config(cfg: Mapping | None) -> WeightingSettings:
+    """Transitional, for the dict config of trainers/config.py: the settings, or a
+    ConfigError naming the first bad field (the typed config replaces it)."""
+    try:
+        return parse_weighting(cfg)
+    except ValidationError as exc:
+        raise config_error(exc) from None

@@ -8,10 +8,15 @@ Liu, Johns, Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019
 with K = 2 tasks (classification, regression of one head), L̄_k(t) the average raw
 loss of task k over period t, and w_k = 1 during the first two periods.
 
-Hyper-parameters (config ``weighting``):
-    temperature: T > 0 (default 2.0)
-    period:      "epoch" (default; a period ends at ``on_epoch_end``) or an integer
-                 number of calls.
+Hyper-parameters (:class:`DWASettings`): ``temperature`` T and ``period``, either
+"epoch" (MTAN's choice: a period ends at ``on_epoch_end``) or an integer number of
+iterations (calls). With two tasks the weights are w_cls = 1 + tanh((r_cls − r_reg)/(2T)),
+so they stay in (0, 2), and with per-epoch averages the ratios of consecutive
+epochs are close to each other: over a 12-epoch run the weights stay at about
+1 ± 0.08 (issue 15; ±0.08 at T = 2 means |r_cls − r_reg| < 0.32), and the exponent
+cannot overflow unless an epoch's average loss grows by a factor of about 88.7·T
+(177 at T = 2) over the previous one. The "overflow" cells of the paper's Table 4
+therefore need short iteration periods (noisy ratios) or a small T to reproduce.
 
 The exponent is computed literally, not as a max-subtracted softmax: the paper's
 Table 4 reports DWA runs whose exponent overflowed, and that failure is reproduced.
@@ -23,92 +28,90 @@ period, none per call).
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from trainers.errors import ConfigError
-from trainers.weighting.base import LossWeighting, WeightOverflowError, check_number, field
+from trainers.weighting.base import LossWeighting, WeightingSettings, WeightOverflowError
 
 NUM_TASKS = 2
 
 
+class DWASettings(WeightingSettings):
+    method: Literal["dwa"] = "dwa"
+    temperature: float = Field(2.0, gt=0, description="T, the softmax temperature (MTAN uses 2).")
+    period: Literal["epoch"] | Annotated[int, Field(ge=1)] = Field(
+        "epoch", description="The averaging period of the loss ratios: 'epoch' (a period ends with each "
+        "epoch, as in MTAN) or an integer number of iterations.")
+
+
 class DWA(LossWeighting):
     name = "dwa"
+    Settings = DWASettings
 
-    def __init__(self, temperature: float = 2.0, period: str | int = "epoch"):
-        self.temperature = check_number("temperature", temperature, low=0.0)
-        if period != "epoch" and (isinstance(period, bool) or not isinstance(period, int) or period <= 0):
-            raise ConfigError(field("period"), f"must be 'epoch' or an integer >= 1 of calls (got {period!r}).")
-        self.period = period
+    def __init__(self, settings: DWASettings | None = None, **kwargs):
+        super().__init__(settings, **kwargs)
+        self._host.calls = 0
+        self._host.period_calls = 0  # calls in the current period
+        self._host.periods = 0  # periods completed
+        self._host.compute_dtype = torch.float32  # the last loss dtype, promoted to at least float32
+        self.register_buffer("sums", torch.zeros(NUM_TASKS, dtype=torch.float64))  # raw losses, this period
+        # Rows: L̄(t−2), L̄(t−1), the last two periods' averages.
+        self.register_buffer("averages", torch.zeros(2, NUM_TASKS, dtype=torch.float64))
+        self.register_buffer("weights", torch.ones(NUM_TASKS, dtype=torch.float64))  # used from period 3
 
-        self._calls = 0
-        self._period_calls = 0  # calls in the current period
-        self._sums = torch.zeros(NUM_TASKS, dtype=torch.float64)  # raw losses summed over the period
-        self._averages: list[Tensor] = []  # L̄(t−2), L̄(t−1): the last two periods' averages
-        self._weights: Tensor | None = None  # None: still in the first two periods, w = 1
-        self._compute_dtype = torch.float32  # the last loss dtype, promoted to at least float32
-        self._last: dict[str, Tensor | float] = {}
-        self._updated = False
-
-    def __call__(self, cls_loss: Tensor, reg_loss: Tensor, *, kpis: dict | None = None) -> tuple[Tensor, Tensor]:
-        if self._sums.device != cls_loss.device:
-            self._sums = self._sums.to(cls_loss.device)
-            self._averages = [a.to(cls_loss.device) for a in self._averages]
-            if self._weights is not None:
-                self._weights = self._weights.to(cls_loss.device)
-        if self._weights is None:
+    def forward(self, cls_loss: Tensor, reg_loss: Tensor, kpis: dict | None = None) -> tuple[Tensor, Tensor]:
+        self._follow(cls_loss)
+        host = self._host
+        if host.periods < 2:
             cls_weight, reg_weight = 1.0, 1.0
         else:
-            cls_weight, reg_weight = self._weights[0].to(cls_loss.dtype), self._weights[1].to(reg_loss.dtype)
-        self._last = {"cls": cls_weight, "reg": reg_weight}
-        self._compute_dtype = torch.promote_types(cls_loss.dtype, torch.float32)
+            weights = self.weights
+            cls_weight, reg_weight = weights[0].to(cls_loss.dtype), weights[1].to(reg_loss.dtype)
+        host.last = {"cls": cls_weight, "reg": reg_weight}
+        host.compute_dtype = torch.promote_types(cls_loss.dtype, torch.float32)
 
-        self._sums += torch.stack([cls_loss.detach(), reg_loss.detach()]).to(torch.float64)
-        self._period_calls += 1
-        self._calls += 1
-        self._updated = self.period != "epoch" and self._calls % self.period == 0
-        if self._updated:
+        self.sums += torch.stack([cls_loss.detach(), reg_loss.detach()]).to(torch.float64)
+        host.period_calls += 1
+        host.calls += 1
+        period = self.settings.period
+        if period != "epoch" and host.calls % period == 0:
             self._end_period()
         return cls_weight * cls_loss, reg_weight * reg_loss
 
     def on_epoch_end(self, epoch: int) -> None:
-        if self.period == "epoch" and self._period_calls > 0:
+        if self.settings.period == "epoch" and self._host.period_calls > 0:
             self._end_period()
 
     def _end_period(self) -> None:
-        self._averages = (self._averages + [self._sums / self._period_calls])[-2:]
-        self._sums = torch.zeros_like(self._sums)
-        self._period_calls = 0
-        if len(self._averages) < 2:
+        host = self._host
+        self.averages = torch.stack([self.averages[1], self.sums / host.period_calls])
+        self.sums = torch.zeros_like(self.sums)
+        host.period_calls = 0
+        host.periods += 1
+        if host.periods < 2:
             return
-        previous, last = (a.to(self._compute_dtype) for a in self._averages)
+        previous, last = self.averages.to(host.compute_dtype)
         ratios = last / previous
-        exponentials = torch.exp(ratios / self.temperature)
+        exponentials = torch.exp(ratios / self.settings.temperature)
         weights = NUM_TASKS * exponentials / exponentials.sum()
         if not bool(torch.isfinite(weights).all()):  # the one sync per period
             raise WeightOverflowError(
                 f"DWA weights are not finite: loss ratios r = {ratios.tolist()} with temperature "
-                f"{self.temperature:g} give exp(r/T) = {exponentials.tolist()} ({self._compute_dtype}).")
-        self._weights = weights
+                f"{self.settings.temperature:g} give exp(r/T) = {exponentials.tolist()} ({host.compute_dtype}).")
+        self.weights = weights.to(torch.float64)
 
-    def log_values(self) -> dict[str, Tensor | float]:
-        return dict(self._last)
+    def get_extra_state(self) -> dict:
+        host = self._host
+        return {"calls": host.calls, "period_calls": host.period_calls, "periods": host.periods,
+                "compute_dtype": str(host.compute_dtype).removeprefix("torch.")}
 
-    def updated(self) -> bool:
-        return self._updated
-
-    def state_dict(self) -> dict:
-        return {"calls": self._calls, "period_calls": self._period_calls,
-                "sums": self._sums.cpu().clone(),
-                "averages": [a.cpu().clone() for a in self._averages],
-                "weights": None if self._weights is None else self._weights.cpu().clone()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._calls = int(state["calls"])
-        self._period_calls = int(state["period_calls"])
-        self._sums = state["sums"].to(torch.float64).clone()
-        self._averages = [a.to(torch.float64).clone() for a in state["averages"]]
-        weights = state["weights"]
-        self._weights = None if weights is None else weights.clone()
-        self._last = {}
-        self._updated = False
+    def set_extra_state(self, state: dict) -> None:
+        host = self._host
+        host.calls = int(state["calls"])
+        host.period_calls = int(state["period_calls"])
+        host.periods = int(state["periods"])
+        host.compute_dtype = getattr(torch, state["compute_dtype"])
+        host.last = {}
