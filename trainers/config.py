@@ -274,7 +274,7 @@ def errors_from_validation(exc: ValidationError, model_class: type[BaseModel], w
             problems.append(_prefixed(inner, where))
             continue
         loc = _readable_loc(error["loc"])
-        if error["type"] == "union_tag_invalid":  # the weighting section's discriminator, `method`
+        if error["type"] in ("union_tag_invalid", "weighting_method"):  # the weighting section's `method`
             given = error.get("input")
             loc = (*loc, "method")
             error = {**error, "input": given.get("method") if isinstance(given, dict) else given}
@@ -302,14 +302,20 @@ def _describe(error: dict, model_class: type[BaseModel], loc: tuple) -> tuple[st
         return "unknown key.", f"Allowed keys: {', '.join(allowed)}." if allowed else "Remove it."
     if kind == "missing":
         return "is missing.", "Set it."
-    if kind in ("union_tag_invalid", "literal_error"):
+    if kind in ("union_tag_invalid", "literal_error", "weighting_method"):
         context = error.get("ctx") or {}
-        expected = context.get("expected_tags") or context.get("expected", "")
+        expected = context.get("expected_tags") or context.get("expected") or _weighting_methods()
         return f"unknown value {shown}.", f"Allowed values: {expected}."
     message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     if kind in ("finite_number",):
         message = "must be a finite number"
     return f"{message} (got {shown}).", _hint(kind)
+
+
+def _weighting_methods() -> str:
+    from trainers.weighting import WEIGHTINGS
+
+    return ", ".join(WEIGHTINGS)
 
 
 def _hint(kind: str) -> str:
