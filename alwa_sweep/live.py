@@ -22,9 +22,20 @@ class LiveTable(Callback):
         self.total = total
         self.every = every
         self.rows: dict[str, dict] = {}
-        self.console = console or Console(file=sys.stdout)
+        self._console = console
         self._live: Live | None = None
         self._last = 0.0
+
+    @property
+    def console(self) -> Console:
+        # Made on first use, on the stdout of that moment (Tune pickles its callbacks:
+        # a console bound to a captured stream at construction could not be pickled).
+        if self._console is None:
+            self._console = Console(file=sys.stdout)
+        return self._console
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_console": None, "_live": None}
 
     def _row(self, trial) -> dict:
         return self.rows.setdefault(trial.trial_id, {"name": str(trial), "state": STATUS_PENDING,

@@ -69,7 +69,7 @@ def _payloads(spec: Spec, sweep_dir: Path, state: dict) -> list[dict]:
     return [{
         "key": trial.key,
         "name": trial.name,
-        "config": trial.config,
+        "config": trial.config.dump(),  # plain data: Tune restores placeholders for objects
         "workdir": str(sweep_dir / "trials" / trial.key),
         "train_storage": str(sweep_dir / "train"),
         "tracking_uri": state["tracking_uri"],

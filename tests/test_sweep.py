@@ -140,7 +140,7 @@ def test_local_sweep_isolates_a_diverging_trial(local_ray, synthetic_voc, tmp_pa
     code = main(["run", str(spec_path), "--runs-dir", str(tmp_path / "runs"), "--tracking-uri", uri,
                  "--name", "three", "--max-concurrent", "2"])
     out = capsys.readouterr().out
-    assert code == 1  # one trial failed, and the exit code says so
+    assert code == 0  # a diverged trial is a result (Table 4's nan cells), not a failure of the sweep
     assert "ok=2 nan=1" in out
     client = MlflowClient(uri)
     parents, children = _children(client, "sweep-test")
