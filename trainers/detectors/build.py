@@ -52,7 +52,9 @@ from trainers.detectors.two_stage import FasterRCNNWithHeadLosses, MaskRCNNWithH
 from trainers.errors import ConfigError, choice_error
 from trainers.losses import regression_loss_from_config
 
-MODEL_KEYS = ("detector", "backbone", "pretrained", "num_classes", "min_size", "max_size", "losses", "double_head")
+MODEL_KEYS = (
+    "detector", "backbone", "pretrained", "num_classes", "min_size", "max_size", "losses", "double_head", "parity",
+)
 LOSS_KEYS_BY_DETECTOR = {
     "faster_rcnn": ("rpn_reg", "roi_reg"),
     "mask_rcnn": ("rpn_reg", "roi_reg"),
@@ -76,6 +78,7 @@ MODEL_DEFAULTS = {
     "min_size": 600,
     "max_size": 1000,
     "losses": {},
+    "parity": "torchvision",  # mmdet | torchvision: see trainers/detectors/mmdet_parity.py
 }
 
 
