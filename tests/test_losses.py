@@ -82,7 +82,8 @@ def _reference_terms(pred, target, eps=1e-7):
     """The hand-written IoU-family formulas trainers/losses.py used before torchvision.ops."""
     x1, y1, x2, y2 = pred.unbind(-1)
     gx1, gy1, gx2, gy2 = target.unbind(-1)
-    inter = (torch.min(x2, gx2) - torch.max(x1, gx1)).clamp(min=0) * (torch.min(y2, gy2) - torch.max(y1, gy1)).clamp(min=0)
+    inter_w = (torch.min(x2, gx2) - torch.max(x1, gx1)).clamp(min=0)
+    inter = inter_w * (torch.min(y2, gy2) - torch.max(y1, gy1)).clamp(min=0)
     union = (x2 - x1) * (y2 - y1) + (gx2 - gx1) * (gy2 - gy1) - inter
     iou = inter / (union + eps)
     ew, eh = torch.max(x2, gx2) - torch.min(x1, gx1), torch.max(y2, gy2) - torch.min(y1, gy1)

@@ -83,7 +83,8 @@ def test_max_iou_assign_needs_min_pos_iou_for_a_gts_best_anchor():
     assert max_iou_assign(iou, pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3, valid=valid).tolist() == [-2, 1, 0]
     # No gt: every valid anchor is background.
     empty = torch.zeros(0, 3)
-    assert max_iou_assign(empty, pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3, valid=valid).tolist() == [-2, -1, -1]
+    no_gt = max_iou_assign(empty, pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3, valid=valid)
+    assert no_gt.tolist() == [-2, -1, -1]
 
 
 @pytest.mark.parametrize("seed", range(5))
