@@ -101,10 +101,6 @@ class ValidFlagAnchorGenerator(AnchorGenerator):
         super().__init__(sizes, aspect_ratios)
         self.valid_flags: list[Tensor] = []
 
-    @classmethod
-    def from_generator(cls, generator: AnchorGenerator) -> "ValidFlagAnchorGenerator":
-        return cls(generator.sizes, generator.aspect_ratios)
-
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         anchors = super().forward(image_list, feature_maps)
         batch_h, batch_w = image_list.tensors.shape[-2:]
