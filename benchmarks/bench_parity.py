@@ -99,6 +99,40 @@ def run(paths: dict, parity: str, seed: int, iters: int, batch_size: int, workdi
     return stats
 
 
+def step_times(sizes=(128, 256), reps: int = 25, batch_size: int = 2) -> list[tuple[int, float, float]]:
+    """Fastest of ``reps`` training steps (forward + backward + SGD) per parity, the two
+    parities interleaved step by step: on a shared machine the minimum is the time least
+    inflated by other processes."""
+    import torch
+
+    from trainers.detectors import build_detector
+
+    rows = []
+    for size in sizes:
+        torch.manual_seed(0)
+        short = size * 5 // 8
+        images = [torch.rand(3, size, short), torch.rand(3, short, size)][:batch_size] * (batch_size // 2 or 1)
+        targets = [{"boxes": torch.tensor([[4.0, 6.0, short * 0.8, size * 0.7]]), "labels": torch.tensor([1])},
+                   {"boxes": torch.tensor([[8.0, 4.0, size * 0.6, short * 0.9]]), "labels": torch.tensor([2])}]
+        targets = targets[:batch_size] * (batch_size // 2 or 1)
+        models, optimizers, times = {}, {}, {"torchvision": [], "mmdet": []}
+        for parity in times:
+            models[parity] = build_detector({"detector": "faster_rcnn", "backbone": "tiny", "num_classes": 4,
+                                             "min_size": size, "max_size": size, "parity": parity}).train()
+            optimizers[parity] = torch.optim.SGD(models[parity].parameters(), lr=0.001, momentum=0.9)
+        for rep in range(reps + 2):
+            for parity in times:
+                started = time.perf_counter()
+                loss = sum(models[parity](images, targets).values())
+                optimizers[parity].zero_grad()
+                loss.backward()
+                optimizers[parity].step()
+                if rep >= 2:  # warm-up steps not timed
+                    times[parity].append(time.perf_counter() - started)
+        rows.append((size, min(times["torchvision"]), min(times["mmdet"])))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=100)
@@ -133,7 +167,12 @@ def main() -> None:
               f"{ratio:+8.1%}  {in_spread:6.2f} spreads")
     tv_speed = statistics.fmean(r["img_per_s"] for r in results["torchvision"])
     mm_speed = statistics.fmean(r["img_per_s"] for r in results["mmdet"])
-    print(f"\nthroughput ratio mmdet / torchvision: {mm_speed / tv_speed:.3f}")
+    print(f"\nthroughput ratio mmdet / torchvision over the whole runs: {mm_speed / tv_speed:.3f} "
+          "(includes data loading and evaluation; noisy on a shared machine)")
+    print("\nfastest of 25 training steps, the parities interleaved (one portrait + one landscape image):")
+    for size, tv, mm in step_times(batch_size=args.batch_size):
+        print(f"  long side {size:4d}px: torchvision {tv * 1000:7.1f} ms, mmdet {mm * 1000:7.1f} ms, "
+              f"ratio mmdet / torchvision {mm / tv:.3f}")
 
 
 if __name__ == "__main__":
