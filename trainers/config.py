@@ -117,6 +117,9 @@ class ModelConfig(Section):
     losses: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="regression loss per head: rpn_reg, roi_reg or retina_reg")
     double_head: Optional[dict[str, Any]] = Field(None, description="double_head_rcnn's loss weights")
+    parity: Literal["torchvision", "mmdet"] = Field(
+        "torchvision", description="mmdet: mmdetection 2.x's anchor validity, assigner, norm_eval BatchNorm, "
+        "aligned RoIAlign and inits (trainers/detectors/mmdet_parity.py; docs/fidelity.md)")
 
     @field_validator("pretrained", mode="before")
     @classmethod
@@ -191,6 +194,9 @@ class TrainConfig(Section):
     log_every: int = Field(50, ge=1, le=1_000_000, description="iterations per pull of the records")
     eval_batch_size: Optional[int] = Field(None, ge=1, le=1024, description="default: batch_size")
     eval_max_images: Optional[int] = Field(None, ge=1, description="evaluate the first N test images only")
+    group_by_aspect_ratio: Optional[bool] = Field(
+        None, description="batches of landscape or of portrait images only, as mmdetection's GroupSampler "
+        "(mmdet/datasets/builder.py); default: true under model.parity mmdet")
 
 
 class EvaluationConfig(Section):
@@ -220,6 +226,8 @@ class TrainingConfig(Section):
             optimizer.weight_decay = 0.05 if optimizer.type == "adamw" else 1e-4
         if train.eval_batch_size is None:
             train.eval_batch_size = train.batch_size
+        if train.group_by_aspect_ratio is None:
+            train.group_by_aspect_ratio = model.parity == "mmdet"
         if model.min_size is None:
             model.min_size = min(self.dataset.scale)
         if model.max_size is None:

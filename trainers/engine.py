@@ -44,7 +44,7 @@ from trainers.data.transforms import collate_fn
 from trainers.detectors import build_detector
 from trainers.evaluation import coco_evaluate, voc_map
 from trainers.records import RecordBuffer, first_non_finite
-from trainers.sampling import EpochSampler, FlipOnRequest
+from trainers.sampling import EpochSampler, FlipOnRequest, GroupedEpochSampler, aspect_ratio_flags
 from trainers.schedule import build_schedule
 from trainers.weighting import WeightOverflowError, build_weighting
 
@@ -154,9 +154,14 @@ class Run:
         self.amp = train_cfg.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
-        self.sampler = EpochSampler(len(self.train_set), seed=train_cfg.seed,
-                                    flip_prob=dataset_cfg.flip, rank=dist_utils.rank(),
-                                    world_size=dist_utils.world_size())
+        if train_cfg.group_by_aspect_ratio:  # mmdetection's GroupSampler, per rank
+            self.sampler = GroupedEpochSampler(aspect_ratio_flags(self.train_set), train_cfg.batch_size,
+                                               seed=train_cfg.seed, flip_prob=dataset_cfg.flip,
+                                               rank=dist_utils.rank(), world_size=dist_utils.world_size())
+        else:
+            self.sampler = EpochSampler(len(self.train_set), seed=train_cfg.seed,
+                                        flip_prob=dataset_cfg.flip, rank=dist_utils.rank(),
+                                        world_size=dist_utils.world_size())
         workers = dataset_cfg.num_workers
         self.loader = DataLoader(
             FlipOnRequest(self.train_set), batch_size=train_cfg.batch_size, sampler=self.sampler,

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, generalized_box_iou_loss
 
 from trainers.errors import ConfigError, choice_error
 
@@ -62,66 +63,32 @@ def paired_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = IOU_EPS) -> Tens
     torchvision.ops.box_iou gives the full N×M matrix; the losses and KPIs need only
     the diagonal.
     """
-    return _overlap_terms(boxes1, boxes2, eps)[0]
+    top_left = torch.max(boxes1[..., :2], boxes2[..., :2])
+    bottom_right = torch.min(boxes1[..., 2:], boxes2[..., 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    return intersection / (area1 + area2 - intersection + eps)
 
 
-def _overlap_terms(boxes1: Tensor, boxes2: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """IoU, union area and the smallest enclosing box's width and height."""
-    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
-    gx1, gy1, gx2, gy2 = boxes2.unbind(dim=-1)
-    inter_w = (torch.min(x2, gx2) - torch.max(x1, gx1)).clamp(min=0)
-    inter_h = (torch.min(y2, gy2) - torch.max(y1, gy1)).clamp(min=0)
-    intersection = inter_w * inter_h
-    union = (x2 - x1) * (y2 - y1) + (gx2 - gx1) * (gy2 - gy1) - intersection
-    iou = intersection / (union + eps)
-    enclose_w = torch.max(x2, gx2) - torch.min(x1, gx1)
-    enclose_h = torch.max(y2, gy2) - torch.min(y1, gy1)
-    return iou, union, enclose_w, enclose_h
+# The IoU family is torchvision.ops' (per box, reduction "none"). CIoU's trade-off
+# factor α = v / (1 − IoU + v) carries no gradient there (as in the CIoU paper);
+# mmdetection 2.7's ciou_loss lets the gradient flow through α (docs/fidelity.md).
 
 
 def giou_loss(pred_boxes: Tensor, target_boxes: Tensor, eps: float = IOU_EPS) -> Tensor:
-    """1 − GIoU (Rezatofighi et al., CVPR 2019)."""
-    iou, union, enclose_w, enclose_h = _overlap_terms(pred_boxes, target_boxes, eps)
-    enclose_area = enclose_w * enclose_h
-    giou = iou - (enclose_area - union) / (enclose_area + eps)
-    return 1 - giou
-
-
-def _normalised_centre_distance(
-    pred_boxes: Tensor, target_boxes: Tensor, enclose_w: Tensor, enclose_h: Tensor, eps: float
-) -> Tensor:
-    """ρ²(centres) / c², c the diagonal of the smallest enclosing box (the DIoU penalty)."""
-    pred_centre = (pred_boxes[..., :2] + pred_boxes[..., 2:]) / 2
-    target_centre = (target_boxes[..., :2] + target_boxes[..., 2:]) / 2
-    centre_distance_sq = ((pred_centre - target_centre) ** 2).sum(dim=-1)
-    diagonal_sq = enclose_w**2 + enclose_h**2 + eps
-    return centre_distance_sq / diagonal_sq
+    """1 − GIoU (Rezatofighi et al., CVPR 2019): torchvision.ops.generalized_box_iou_loss."""
+    return generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none", eps=eps)
 
 
 def diou_loss(pred_boxes: Tensor, target_boxes: Tensor, eps: float = IOU_EPS) -> Tensor:
-    """1 − IoU + ρ²/c² (Zheng et al., AAAI 2020)."""
-    iou, _, enclose_w, enclose_h = _overlap_terms(pred_boxes, target_boxes, eps)
-    return 1 - iou + _normalised_centre_distance(pred_boxes, target_boxes, enclose_w, enclose_h, eps)
+    """1 − IoU + ρ²/c² (Zheng et al., AAAI 2020): torchvision.ops.distance_box_iou_loss."""
+    return distance_box_iou_loss(pred_boxes, target_boxes, reduction="none", eps=eps)
 
 
 def ciou_loss(pred_boxes: Tensor, target_boxes: Tensor, eps: float = IOU_EPS) -> Tensor:
-    """1 − IoU + ρ²/c² + α·v (Zheng et al., AAAI 2020).
-
-    v = 4/π²·(atan(w_gt/h_gt) − atan(w/h))² measures the aspect-ratio mismatch and
-    α = v / (1 − IoU + v) is treated as a constant (no gradient), as in the paper,
-    torchvision.ops.complete_box_iou_loss and mmdetection. Later mmdetection
-    releases (≥ 2.11) also zero α where IoU < 0.5; the paper's code base predates that.
-    """
-    iou, _, enclose_w, enclose_h = _overlap_terms(pred_boxes, target_boxes, eps)
-    distance_penalty = _normalised_centre_distance(pred_boxes, target_boxes, enclose_w, enclose_h, eps)
-    pred_w = pred_boxes[..., 2] - pred_boxes[..., 0]
-    pred_h = pred_boxes[..., 3] - pred_boxes[..., 1]
-    target_w = target_boxes[..., 2] - target_boxes[..., 0]
-    target_h = target_boxes[..., 3] - target_boxes[..., 1]
-    v = (4 / math.pi**2) * (torch.atan(target_w / target_h) - torch.atan(pred_w / pred_h)) ** 2
-    with torch.no_grad():
-        alpha = v / (1 - iou + v + eps)
-    return 1 - iou + distance_penalty + alpha * v
+    """1 − IoU + ρ²/c² + α·v (Zheng et al., AAAI 2020): torchvision.ops.complete_box_iou_loss."""
+    return complete_box_iou_loss(pred_boxes, target_boxes, reduction="none", eps=eps)
 
 
 # name -> per-box loss. The L1 family takes (pred_deltas, target_deltas[, beta]),

@@ -76,3 +76,60 @@ class FlipOnRequest(Dataset):
         if flip:
             image, target = hflip(image, target)
         return image, target
+
+
+def aspect_ratio_flags(dataset) -> list[int]:
+    """mmdet's ``dataset.flag`` for every index of ``dataset``: 1 where the image is wider
+    than tall (width / height > 1), else 0. Read from the annotations (no image is
+    opened); a repeated VOC set repeats its flags, as mmdet's ``RepeatDataset``."""
+    records = getattr(dataset, "annotations", None)
+    if records is None:
+        records = getattr(dataset, "_records", None)  # COCODetection
+    if records is None or not len(records) or "width" not in records[0]:
+        raise TypeError(f"{type(dataset).__name__} has no per-image width/height to group by")
+    flags = [1 if record["width"] / record["height"] > 1 else 0 for record in records]
+    repeat = len(dataset) // len(flags)
+    return flags * repeat
+
+
+class GroupedEpochSampler(EpochSampler):
+    """:class:`EpochSampler` whose batches each hold images of one aspect-ratio group:
+    mmdet 2.x ``DistributedGroupSampler`` (``GroupSampler`` for one rank).
+
+    Per epoch, from a generator seeded ``seed + epoch``: each group's indices are
+    permuted and padded (by repeating them) to a multiple of ``batch_size × world_size``;
+    the groups are concatenated, cut into batches of ``batch_size`` and the batches
+    permuted; rank ``r`` takes the ``r``-th contiguous slice of ``per_rank`` samples. The
+    flips are drawn after the order from the same generator. The data loader must use
+    the same ``batch_size`` (and resume at a multiple of it, as the engine does) for its
+    batches to be the sampler's.
+    """
+
+    def __init__(self, group_flags, batch_size: int, *, seed: int, flip_prob: float, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(len(group_flags), seed=seed, flip_prob=flip_prob, shuffle=shuffle, rank=rank,
+                         world_size=world_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        flags = torch.as_tensor(list(group_flags), dtype=torch.long)
+        self.groups = [torch.where(flags == g)[0] for g in torch.unique(flags).tolist()]
+        chunk = batch_size * world_size
+        self.per_rank = sum(math.ceil(len(g) / chunk) for g in self.groups) * batch_size
+
+    def _epoch_plan(self) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        chunk = self.batch_size * self.world_size
+        padded = []
+        for members in self.groups:
+            if self.shuffle:
+                members = members[torch.randperm(len(members), generator=generator)]
+            target = math.ceil(len(members) / chunk) * chunk
+            padded.append(members.repeat(math.ceil(target / len(members)))[:target])
+        order = torch.cat(padded)
+        if self.shuffle:
+            batches = order.view(-1, self.batch_size)
+            order = batches[torch.randperm(len(batches), generator=generator)].reshape(-1)
+        flips = torch.rand(len(order), generator=generator) < self.flip_prob
+        begin = self.rank * self.per_rank
+        return order[begin:begin + self.per_rank], flips[begin:begin + self.per_rank]

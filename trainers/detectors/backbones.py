@@ -30,6 +30,12 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_
 from torchvision.ops import FeaturePyramidNetwork, misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from trainers.detectors.mmdet_parity import (
+    LastLevelP6P7NoReLU,
+    NormEvalBatchNorm2d,
+    ValidFlagAnchorGenerator,
+    init_fpn_like_mmdet,
+)
 from trainers.errors import ConfigError
 
 BACKBONES = ("tiny", "resnet50", "resnet101")
@@ -54,7 +60,7 @@ class TinyBackbone(nn.Module):
 
     STAGE_CHANNELS = (24, 32, 48, 64)  # C2, C3, C4, C5
 
-    def __init__(self, for_retinanet: bool, out_channels: int = TINY_OUT_CHANNELS):
+    def __init__(self, for_retinanet: bool, out_channels: int = TINY_OUT_CHANNELS, parity: str = "torchvision"):
         super().__init__()
         self.stem = misc_nn_ops.Conv2dNormActivation(3, 16, kernel_size=3, stride=2)
         stages = []
@@ -66,8 +72,11 @@ class TinyBackbone(nn.Module):
         # Two-stage: P2-P5 + max-pooled P6. RetinaNet: P3-P5 + P6/P7 from C5.
         self.first_pyramid_stage = 1 if for_retinanet else 0
         pyramid_inputs = list(self.STAGE_CHANNELS[self.first_pyramid_stage :])
-        extra_block = LastLevelP6P7(self.STAGE_CHANNELS[-1], out_channels) if for_retinanet else LastLevelMaxPool()
+        p6p7 = LastLevelP6P7NoReLU if parity == "mmdet" else LastLevelP6P7
+        extra_block = p6p7(self.STAGE_CHANNELS[-1], out_channels) if for_retinanet else LastLevelMaxPool()
         self.fpn = FeaturePyramidNetwork(pyramid_inputs, out_channels, extra_blocks=extra_block)
+        if parity == "mmdet":
+            init_fpn_like_mmdet(self.fpn)
         self.out_channels = out_channels
 
     def forward(self, images: Tensor) -> "OrderedDict[str, Tensor]":
@@ -110,17 +119,23 @@ def load_imagenet_state_dict(backbone: str) -> dict:
         raise ConfigError(field, f"cannot read the cached weights {path}: {error}.", "Replace the file.") from error
 
 
-def resnet_fpn(backbone: str, pretrained: bool, for_retinanet: bool) -> BackboneWithFPN:
-    """torchvision's ResNet-FPN, optionally with the cached ImageNet weights loaded."""
+def resnet_fpn(backbone: str, pretrained: bool, for_retinanet: bool, parity: str = "torchvision") -> BackboneWithFPN:
+    """torchvision's ResNet-FPN, optionally with the cached ImageNet weights loaded.
+
+    ``parity="mmdet"`` (trainers/detectors/mmdet_parity.py): with ImageNet weights,
+    BatchNorm keeps its statistics frozen but trains its affine parameters in stages
+    2–4; the FPN convs start Xavier-uniform; RetinaNet's P7 has no ReLU before it.
+    """
     # Read the weights first: a missing file should fail before the network is built.
     state_dict = load_imagenet_state_dict(backbone) if pretrained else None
     if pretrained:
-        norm_layer, trainable_layers = misc_nn_ops.FrozenBatchNorm2d, 3
+        frozen_bn = NormEvalBatchNorm2d if parity == "mmdet" else misc_nn_ops.FrozenBatchNorm2d
+        norm_layer, trainable_layers = frozen_bn, 3
     else:
         norm_layer, trainable_layers = nn.BatchNorm2d, 5
     if for_retinanet:
         returned_layers = [2, 3, 4]
-        extra_blocks = LastLevelP6P7(2048, RESNET_FPN_CHANNELS)
+        extra_blocks = (LastLevelP6P7NoReLU if parity == "mmdet" else LastLevelP6P7)(2048, RESNET_FPN_CHANNELS)
     else:
         returned_layers = [1, 2, 3, 4]
         extra_blocks = LastLevelMaxPool()
@@ -132,6 +147,8 @@ def resnet_fpn(backbone: str, pretrained: bool, for_retinanet: bool) -> Backbone
         returned_layers=returned_layers,
         extra_blocks=extra_blocks,
     )
+    if parity == "mmdet":
+        init_fpn_like_mmdet(model.fpn)
     if state_dict is not None:
         # The classifier is not part of the detection backbone.
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
@@ -146,17 +163,17 @@ def resnet_fpn(backbone: str, pretrained: bool, for_retinanet: bool) -> Backbone
     return model
 
 
-def build_backbone(backbone: str, pretrained: str, for_retinanet: bool) -> nn.Module:
+def build_backbone(backbone: str, pretrained: str, for_retinanet: bool, parity: str = "torchvision") -> nn.Module:
     if backbone == "tiny":
         if pretrained == "imagenet":
             raise ConfigError(
                 "model.pretrained", "the tiny backbone has no ImageNet weights.", "Use pretrained: none."
             )
-        return TinyBackbone(for_retinanet)
-    return resnet_fpn(backbone, pretrained == "imagenet", for_retinanet)
+        return TinyBackbone(for_retinanet, parity=parity)
+    return resnet_fpn(backbone, pretrained == "imagenet", for_retinanet, parity=parity)
 
 
-def anchor_generator(backbone: str, for_retinanet: bool) -> AnchorGenerator:
+def anchor_generator(backbone: str, for_retinanet: bool, parity: str = "torchvision") -> AnchorGenerator:
     """Anchors as in mmdetection (tiny: the same layout scaled to small images).
 
     Two-stage: one size per level (scale 8 × strides 4–64 → 32–512 px), ratios
@@ -170,4 +187,6 @@ def anchor_generator(backbone: str, for_retinanet: bool) -> AnchorGenerator:
     else:
         sizes = tuple((base,) for base in base_sizes)
     aspect_ratios = ((0.5, 1.0, 2.0),) * len(sizes)
+    if parity == "mmdet":  # also records each image's valid anchors (mmdet valid_flags)
+        return ValidFlagAnchorGenerator(sizes, aspect_ratios)
     return AnchorGenerator(sizes, aspect_ratios)

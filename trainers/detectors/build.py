@@ -45,6 +45,7 @@ from trainers.detectors.backbones import (
 from trainers.detectors.double_head_rcnn import DoubleHeadLossWeights, DoubleHeadRCNNWithHeadLosses
 from trainers.detectors.dynamic_rcnn import DynamicRCNNWithHeadLosses
 from trainers.detectors.libra_rcnn import LibraRCNNWithHeadLosses
+from trainers.detectors.mmdet_parity import AlignedMultiScaleRoIAlign, init_box_head_like_mmdet, parity_of
 from trainers.detectors.retinanet import RetinaNetWithHeadLosses
 from trainers.detectors.two_stage import FasterRCNNWithHeadLosses, MaskRCNNWithHeadLosses
 from trainers.errors import ConfigError
@@ -139,14 +140,20 @@ def build_detector(model) -> nn.Module:
 def _two_stage_settings(cfg: dict, with_masks: bool) -> dict:
     """Keyword arguments of torchvision's FasterRCNN / MaskRCNN for this backbone."""
     num_outputs = cfg["num_classes"] + 1  # + background (index 0), torchvision's convention
+    parity = parity_of(cfg)
     settings = dict(
         min_size=cfg["min_size"],
         max_size=cfg["max_size"],
-        rpn_anchor_generator=anchor_generator(cfg["backbone"], for_retinanet=False),
+        rpn_anchor_generator=anchor_generator(cfg["backbone"], for_retinanet=False, parity=parity),
         # mmdetection: 2000 per level before NMS, 1000 kept after (torchvision: 2000).
         rpn_post_nms_top_n_train=1000,
         box_detections_per_img=100,
+        parity=parity,
     )
+    if parity == "mmdet":  # RoIAlign(aligned=True, sampling_ratio=0), mmcv's defaults in the configs
+        settings["box_roi_pool"] = AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], 7)
+        if with_masks:
+            settings["mask_roi_pool"] = AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], 14)
     if cfg["backbone"] == "tiny":
         # Small images: fewer proposals and ROIs, a narrow box head (speed on CPU).
         channels, representation = 32, 256
@@ -170,11 +177,22 @@ def _two_stage_settings(cfg: dict, with_masks: bool) -> dict:
     return settings
 
 
+def _mmdet_box_head_init(model: nn.Module, cfg: dict) -> nn.Module:
+    """Under parity mmdet, a Shared2FC box head starts as mmdetection's (mmdet_parity.py)."""
+    heads = model.roi_heads
+    if parity_of(cfg) == "mmdet" and isinstance(heads.box_head, TwoMLPHead) and isinstance(
+        heads.box_predictor, FastRCNNPredictor
+    ):
+        init_box_head_like_mmdet(heads.box_head, heads.box_predictor)
+    return model
+
+
 def _build_two_stage(cfg: dict, model_class, with_masks: bool) -> nn.Module:
-    backbone = build_backbone(cfg["backbone"], cfg["pretrained"], for_retinanet=False)
+    backbone = build_backbone(cfg["backbone"], cfg["pretrained"], for_retinanet=False, parity=parity_of(cfg))
     settings = _two_stage_settings(cfg, with_masks=with_masks)
     num_classes = settings.pop("num_classes")
-    return model_class(backbone, num_classes, cfg["losses"]["rpn_reg"], cfg["losses"]["roi_reg"], **settings)
+    model = model_class(backbone, num_classes, cfg["losses"]["rpn_reg"], cfg["losses"]["roi_reg"], **settings)
+    return _mmdet_box_head_init(model, cfg)
 
 
 def build_faster_rcnn(cfg: dict) -> nn.Module:
@@ -186,7 +204,8 @@ def build_mask_rcnn(cfg: dict) -> nn.Module:
 
 
 def build_retinanet(cfg: dict) -> nn.Module:
-    backbone = build_backbone(cfg["backbone"], cfg["pretrained"], for_retinanet=True)
+    parity = parity_of(cfg)
+    backbone = build_backbone(cfg["backbone"], cfg["pretrained"], for_retinanet=True, parity=parity)
     # The head's four convs start from N(0, 0.01) weights, sized for 256 channels
     # (mmdetection's and torchvision's head has no norm). On the tiny backbone's 32
     # channels each conv shrinks activations ~6×, so the tower's output and gradients
@@ -196,9 +215,10 @@ def build_retinanet(cfg: dict) -> nn.Module:
     return RetinaNetWithHeadLosses(
         backbone,
         cfg["num_classes"] + 1,  # column 0 unused (background), so labels 1..K line up
-        anchor_generator(cfg["backbone"], for_retinanet=True),
+        anchor_generator(cfg["backbone"], for_retinanet=True, parity=parity),
         cfg["losses"]["retina_reg"],
         head_norm_layer=head_norm_layer,
+        parity=parity,
         min_size=cfg["min_size"],
         max_size=cfg["max_size"],
         detections_per_img=100,  # mmdetection max_per_img (torchvision: 300)
@@ -207,7 +227,7 @@ def build_retinanet(cfg: dict) -> nn.Module:
 
 def _table3_settings(cfg: dict) -> tuple[nn.Module, int, dict]:
     """Backbone, number of outputs and FasterRCNN settings shared by the Table 3 detectors."""
-    backbone = build_backbone(cfg["backbone"], cfg["pretrained"], for_retinanet=False)
+    backbone = build_backbone(cfg["backbone"], cfg["pretrained"], for_retinanet=False, parity=parity_of(cfg))
     settings = _two_stage_settings(cfg, with_masks=False)
     settings.pop("num_classes")
     num_outputs = cfg["num_classes"] + 1
@@ -217,23 +237,26 @@ def _table3_settings(cfg: dict) -> tuple[nn.Module, int, dict]:
 def build_libra_rcnn(cfg: dict) -> nn.Module:
     backbone, num_outputs, settings = _table3_settings(cfg)
     num_classes = None if "box_predictor" in settings else num_outputs
-    return LibraRCNNWithHeadLosses(
+    model = LibraRCNNWithHeadLosses(
         backbone, num_classes, cfg["losses"]["rpn_reg"], cfg["losses"]["roi_reg"], **settings
     )
+    return _mmdet_box_head_init(model, cfg)
 
 
 def build_dynamic_rcnn(cfg: dict) -> nn.Module:
     backbone, num_outputs, settings = _table3_settings(cfg)
     num_classes = None if "box_predictor" in settings else num_outputs
-    return DynamicRCNNWithHeadLosses(
+    model = DynamicRCNNWithHeadLosses(
         backbone, num_classes, cfg["losses"]["rpn_reg"], cfg["losses"]["roi_reg"], **settings
     )
+    return _mmdet_box_head_init(model, cfg)
 
 
 def build_double_head_rcnn(cfg: dict) -> nn.Module:
     backbone, num_outputs, settings = _table3_settings(cfg)
     settings.pop("box_head", None)
     settings.pop("box_predictor", None)
+    settings.pop("box_roi_pool", None)  # its own two pools (torchvision RoIAlign under both parities)
     if cfg["backbone"] == "tiny":
         # Narrow and one bottleneck deep (4 in the config): CPU speed, like the tiny Faster R-CNN head.
         head_size = dict(fc_channels=256, conv_channels=64, num_convs=1, xavier_fc=False)

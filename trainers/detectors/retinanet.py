@@ -33,8 +33,9 @@ from torch import Tensor
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.ops import sigmoid_focal_loss
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
+from trainers.detectors.mmdet_parity import RETINA_ASSIGNER, max_iou_assign
 from trainers.losses import BoxRegressionLoss, paired_box_iou
 
 FOCAL_ALPHA = 0.25
@@ -106,7 +107,8 @@ class RetinaNetWithHeadLosses(RetinaNet):
     """torchvision RetinaNet; train forward → {retina_cls, retina_reg}."""
 
     def __init__(
-        self, backbone, num_classes: int, anchor_generator, reg_loss: BoxRegressionLoss, head_norm_layer=None, **kwargs
+        self, backbone, num_classes: int, anchor_generator, reg_loss: BoxRegressionLoss, head_norm_layer=None,
+        parity: str = "torchvision", **kwargs
     ):
         head = RetinaNetHeadWithHeadLosses(
             backbone.out_channels, anchor_generator.num_anchors_per_location()[0], num_classes, reg_loss,
@@ -114,10 +116,20 @@ class RetinaNetWithHeadLosses(RetinaNet):
         )
         super().__init__(backbone, num_classes, anchor_generator=anchor_generator, head=head, **kwargs)
         self.weighted_head = "retina"
+        self.parity = parity
         self.kpis: dict[str, Tensor] = {}
 
     def compute_loss(self, targets, head_outputs, anchors):
-        losses = super().compute_loss(targets, head_outputs, anchors)
+        if self.parity == "mmdet":
+            # MaxIoUAssigner(0.5, 0.4, min_pos_iou=0) over the valid anchors; invalid ones
+            # are "between thresholds" (-2), so they leave the focal loss (mmdet_parity.py).
+            matched_idxs = [
+                max_iou_assign(box_iou(t["boxes"], a), valid=v, **RETINA_ASSIGNER)
+                for t, a, v in zip(targets, anchors, self.anchor_generator.valid_flags)
+            ]
+            losses = self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
+        else:
+            losses = super().compute_loss(targets, head_outputs, anchors)
         self.kpis = self.head.kpis
         return losses
 

@@ -42,19 +42,25 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 
+from torchvision.ops import box_iou
+
+from trainers.detectors.mmdet_parity import RPN_ASSIGNER, max_iou_assign
 from trainers.losses import BoxRegressionLoss, paired_box_iou
 
 
 class RPNWithHeadLosses(RegionProposalNetwork):
     """torchvision's RPN returning ``rpn_cls`` / ``rpn_reg`` with a pluggable box loss."""
 
-    def __init__(self, *args, reg_loss: BoxRegressionLoss = BoxRegressionLoss(), **kwargs):
+    def __init__(self, *args, reg_loss: BoxRegressionLoss = BoxRegressionLoss(), parity: str = "torchvision",
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.reg_loss = reg_loss
+        self.parity = parity
         self.kpis: dict[str, Tensor] = {}
 
     @classmethod
-    def from_torchvision(cls, rpn: RegionProposalNetwork, reg_loss: BoxRegressionLoss) -> "RPNWithHeadLosses":
+    def from_torchvision(cls, rpn: RegionProposalNetwork, reg_loss: BoxRegressionLoss,
+                         parity: str = "torchvision") -> "RPNWithHeadLosses":
         """The same RPN (same submodules and settings) with our loss."""
         return cls(
             rpn.anchor_generator,
@@ -68,6 +74,7 @@ class RPNWithHeadLosses(RegionProposalNetwork):
             rpn.nms_thresh,
             score_thresh=rpn.score_thresh,
             reg_loss=reg_loss,
+            parity=parity,
         )
 
     def forward(
@@ -90,9 +97,30 @@ class RPNWithHeadLosses(RegionProposalNetwork):
         proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(num_images, -1, 4)
         boxes, _ = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
 
-        labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+        if self.parity == "mmdet":
+            labels, matched_gt_boxes = self.assign_targets_mmdet(anchors, targets, self.anchor_generator.valid_flags)
+        else:
+            labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
         losses = self.compute_head_losses(objectness, pred_bbox_deltas, anchors, labels, matched_gt_boxes)
         return boxes, losses
+
+    @staticmethod
+    def assign_targets_mmdet(
+        anchors: list[Tensor], targets: list[dict[str, Tensor]], valid_flags: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """mmdet's RPN assignment: MaxIoUAssigner(0.7, 0.3, min_pos_iou=0.3) over the valid
+        anchors only. Labels 1 / 0 / -1 (ignored: between thresholds or invalid)."""
+        labels, matched_gt_boxes = [], []
+        for anchors_per_image, target, valid in zip(anchors, targets, valid_flags):
+            gt_boxes = target["boxes"]
+            matched = max_iou_assign(box_iou(gt_boxes, anchors_per_image), valid=valid, **RPN_ASSIGNER)
+            label = torch.where(matched >= 0, 1.0, torch.where(matched == -1, 0.0, -1.0))
+            labels.append(label.to(anchors_per_image.dtype))
+            if gt_boxes.numel() == 0:
+                matched_gt_boxes.append(torch.zeros_like(anchors_per_image))
+            else:
+                matched_gt_boxes.append(gt_boxes[matched.clamp(min=0)])
+        return labels, matched_gt_boxes
 
     def compute_head_losses(
         self,
@@ -242,10 +270,11 @@ class TwoStageHeadLosses:
     """
 
     def __init__(
-        self, backbone, num_classes, rpn_reg_loss: BoxRegressionLoss, roi_reg_loss: BoxRegressionLoss, **kwargs
+        self, backbone, num_classes, rpn_reg_loss: BoxRegressionLoss, roi_reg_loss: BoxRegressionLoss,
+        parity: str = "torchvision", **kwargs
     ):
         super().__init__(backbone, num_classes, **kwargs)
-        self.rpn = RPNWithHeadLosses.from_torchvision(self.rpn, rpn_reg_loss)
+        self.rpn = RPNWithHeadLosses.from_torchvision(self.rpn, rpn_reg_loss, parity=parity)
         self.roi_heads = RoIHeadsWithHeadLosses.from_torchvision(self.roi_heads, roi_reg_loss)
         self.weighted_head = "rpn"
         self.kpis: dict[str, Tensor] = {}
