@@ -56,8 +56,8 @@ def test_every_trial_uses_the_released_settings(table):
     spec = load_spec(SPACES / table, check_paths=False)
     assert spec.trials
     for trial in spec.trials:
-        flat = flatten(trial.config)
-        flat.update({f"resources.{k}": v for k, v in spec.resources.items()})
+        flat = flatten(trial.config.dump())
+        flat.update({f"resources.{k}": v for k, v in spec.resources.model_dump().items()})
         expected = _expected_settings(table, flat)
         wrong = {key: (flat.get(key, "<missing>"), value) for key, value in expected.items()
                  if flat.get(key, "<missing>") != value}
@@ -69,4 +69,4 @@ def test_voc_passes_over_the_data_are_36():
     for table in ("table2_voc_alwa.yaml", "table6_ablation.yaml"):
         for trial in load_spec(SPACES / table, check_paths=False).trials:
             config = trial.config
-            assert config["schedule"]["epochs"] * config["dataset"]["repeat"] == 36
+            assert config.schedule.epochs * config.dataset.repeat == 36
