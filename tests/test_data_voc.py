@@ -7,10 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from trainers.data import (VOC_CLASSES, Compose, RandomHorizontalFlip, VOCDetection,
-                           build_datasets, build_loader, collate_fn, keep_ratio_size,
+from trainers.data import (VOC_CLASSES, VOCDetection, build_datasets, hflip,
                            validate_dataset_config)
 from trainers.data.synthetic import CLASS_STYLES
 from trainers.errors import ConfigError, DatasetError
@@ -220,52 +218,13 @@ def test_flip_boxes_and_masks_by_hand():
     masks[0, 1, 2:5] = 1  # columns 2, 3, 4 -> 5, 6, 7 after the flip
     target = {"boxes": torch.tensor([[2.0, 0.0, 5.0, 3.0], [0.0, 1.0, 10.0, 2.0]]),
               "labels": torch.tensor([1, 2]), "masks": masks}
-    flipped_image, flipped = RandomHorizontalFlip(p=1.0)(image, target)
+    flipped_image, flipped = hflip(image, target)
     # mmdetection 2.x: x1' = W - x2, x2' = W - x1 with W = 10, no -1.
     assert flipped["boxes"].tolist() == [[5.0, 0.0, 8.0, 3.0], [0.0, 1.0, 10.0, 2.0]]
     assert flipped["masks"][0, 1].nonzero().flatten().tolist() == [5, 6, 7]
     assert flipped_image[1, 2, 0] == image[1, 2, 9]
     assert torch.equal(flipped["labels"], target["labels"])
     assert target["boxes"][0, 0] == 2.0  # the input target is not modified
-    unchanged_image, unchanged = RandomHorizontalFlip(p=0.0)(image, target)
-    assert unchanged_image is image and unchanged is target
-
-
-def test_flip_probability_and_compose():
-    torch.manual_seed(0)
-    flip = Compose([RandomHorizontalFlip(p=0.3)])
-    target = {"boxes": torch.tensor([[1.0, 0.0, 3.0, 1.0]]), "labels": torch.tensor([1])}
-    flips = sum(flip(torch.zeros(3, 2, 8), target)[1]["boxes"][0, 0] == 5.0 for _ in range(2000))
-    assert 0.25 < flips / 2000 < 0.35
-    with pytest.raises(ValueError):
-        RandomHorizontalFlip(p=1.5)
-
-
-@pytest.mark.parametrize("height, width, scale, expected", [
-    (375, 500, (1000, 600), (600, 800)),     # short edge binds: 600 / 375 = 1.6
-    (333, 500, (1000, 600), (600, 901)),     # 500 * 600 / 333 = 900.9 -> 901
-    (500, 1500, (1000, 600), (333, 1000)),   # long edge binds: 1000 / 1500
-    (480, 640, (1333, 800), (800, 1067)),    # COCO scale: 640 * 800 / 480 = 1066.7
-    (600, 1000, (600, 1000), (600, 1000)),   # the order of the scale pair is irrelevant
-])
-def test_keep_ratio_size_by_hand(height, width, scale, expected):
-    assert keep_ratio_size(height, width, scale) == expected
-
-
-def test_keep_ratio_size_matches_torchvision_transform_within_a_pixel():
-    transform = GeneralizedRCNNTransform(min_size=600, max_size=1000, image_mean=[0, 0, 0],
-                                         image_std=[1, 1, 1])
-    for height, width in [(375, 500), (333, 500), (500, 1500), (281, 500)]:
-        resized, _ = transform.resize(torch.zeros(3, height, width), None)
-        expected = keep_ratio_size(height, width, (1000, 600))
-        assert abs(resized.shape[1] - expected[0]) <= 1 and abs(resized.shape[2] - expected[1]) <= 1
-
-
-def test_collate_keeps_images_apart():
-    batch = [(torch.zeros(3, 4, 5), {"a": 1}), (torch.zeros(3, 6, 2), {"a": 2})]
-    images, targets = collate_fn(batch)
-    assert isinstance(images, tuple) and [im.shape[1] for im in images] == [4, 6]
-    assert targets == ({"a": 1}, {"a": 2})
 
 
 # --- config, build, loader ------------------------------------------------------------
@@ -276,8 +235,7 @@ def test_build_datasets_from_config(synthetic_voc):
     assert train.train and not test.train
     assert len(train) == 2 * len(truth["splits"]["trainval"])
     assert len(test) == len(truth["splits"]["test"])
-    assert isinstance(train.transforms.transforms[0], RandomHorizontalFlip)
-    assert test.transforms is None
+    assert train.transforms is None and test.transforms is None  # flips are the sampler's
     assert train.class_names == list(VOC_CLASSES)
     small_train, _ = build_datasets(voc_config(synthetic_voc, flip=0.0,
                                                class_names=synthetic_voc["class_names"]))
@@ -310,34 +268,3 @@ def test_validate_dataset_config_names_the_field(synthetic_voc, override, field,
 
 def test_validate_accepts_the_good_config(synthetic_voc):
     validate_dataset_config(voc_config(synthetic_voc))
-
-
-def _loader_pass(dataset, seed):
-    loader = build_loader(dataset, batch_size=4, train=True, num_workers=2, seed=seed)
-    seen = []
-    for epoch in range(2):
-        for images, targets in loader:
-            assert isinstance(images, tuple) and len(images) == len(targets) <= 4
-            assert all(im.shape == (3, 128, 128) for im in images)
-            seen += [(epoch, t["image_id"], t["boxes"][:1].tolist()) for t in targets]
-    return loader, seen
-
-
-def test_loader_with_two_workers_is_seeded(synthetic_voc):
-    train, _ = build_datasets(voc_config(synthetic_voc))
-    loader, seen = _loader_pass(train, seed=1)
-    assert loader.persistent_workers and loader.num_workers == 2
-    assert len(seen) == 2 * len(train)
-    for epoch in range(2):  # every image once per epoch
-        assert sorted(i for e, i, _ in seen if e == epoch) == list(range(len(train)))
-    _, again = _loader_pass(train, seed=1)
-    assert again == seen  # same order, same flips
-    _, other = _loader_pass(train, seed=2)
-    assert [i for _, i, _ in other] != [i for _, i, _ in seen]
-
-
-def test_eval_loader_keeps_order(synthetic_voc):
-    _, test = build_datasets(voc_config(synthetic_voc))
-    loader = build_loader(test, batch_size=5, train=False, num_workers=0, seed=0)
-    ids = [t["image_id"] for _, targets in loader for t in targets]
-    assert ids == list(range(len(test)))

@@ -17,7 +17,6 @@ from trainers.losses import (
     giou_loss,
     l1_loss,
     paired_box_iou,
-    regression_loss,
     smooth_l1_loss,
 )
 
@@ -123,20 +122,13 @@ def test_paired_box_iou_is_the_diagonal_of_box_iou():
     assert torch.allclose(paired_box_iou(a, b), torch.diagonal(box_iou(a, b)), atol=1e-6)
 
 
-def test_regression_loss_dispatch():
-    generator = torch.Generator().manual_seed(3)
+def test_regression_losses_by_name():
+    generator = torch.Generator().manual_seed(0)
     deltas, target_deltas = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)
-    boxes, target_boxes = random_boxes(5, generator), random_boxes(5, generator)
     assert set(REGRESSION_LOSSES) == {"l1", "smooth_l1", "giou", "diou", "ciou"}
-    assert torch.equal(regression_loss("l1", deltas, target_deltas), l1_loss(deltas, target_deltas))
-    assert torch.equal(
-        regression_loss("smooth_l1", deltas, target_deltas, beta=0.3), smooth_l1_loss(deltas, target_deltas, 0.3)
-    )
-    assert torch.equal(regression_loss("ciou", None, None, boxes, target_boxes), ciou_loss(boxes, target_boxes))
-    with pytest.raises(ValueError, match="pred_boxes"):
-        regression_loss("giou", deltas, target_deltas)
-    with pytest.raises(ValueError, match="unknown"):
-        regression_loss("iou", deltas, target_deltas)
+    assert torch.equal(BoxRegressionLoss("l1").delta_loss(deltas, target_deltas), l1_loss(deltas, target_deltas))
+    assert torch.equal(BoxRegressionLoss("smooth_l1", beta=0.3).delta_loss(deltas, target_deltas),
+                       smooth_l1_loss(deltas, target_deltas, 0.3))
 
 
 def test_box_regression_loss_encodes_or_decodes_with_the_coder():

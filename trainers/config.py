@@ -27,7 +27,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainers.errors import ConfigError, ConfigErrors, UserInputError

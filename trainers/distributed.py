@@ -30,12 +30,3 @@ def gather_to_main(items: list) -> list | None:
     if not is_main_process():
         return None
     return [item for part in gathered for item in part]
-
-
-def broadcast_from_main(value):
-    """Rank 0's ``value`` on every rank."""
-    if not is_distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -103,28 +103,6 @@ REGRESSION_LOSSES: dict[str, Callable[..., Tensor]] = {
 DECODED_BOX_LOSSES = frozenset({"giou", "diou", "ciou"})
 
 
-def regression_loss(
-    name: str,
-    pred_deltas: Optional[Tensor],
-    target_deltas: Optional[Tensor],
-    pred_boxes: Optional[Tensor] = None,
-    target_boxes: Optional[Tensor] = None,
-    beta: float = 1.0,
-) -> Tensor:
-    """Per-box loss of type ``name``: the L1 family reads the deltas, the IoU family the boxes."""
-    if name not in REGRESSION_LOSSES:
-        raise ValueError(f"unknown regression loss {name!r}; allowed: {sorted(REGRESSION_LOSSES)}")
-    if name in DECODED_BOX_LOSSES:
-        if pred_boxes is None or target_boxes is None:
-            raise ValueError(f"{name} compares decoded boxes: pass pred_boxes and target_boxes")
-        return REGRESSION_LOSSES[name](pred_boxes, target_boxes)
-    if pred_deltas is None or target_deltas is None:
-        raise ValueError(f"{name} compares encoded deltas: pass pred_deltas and target_deltas")
-    if name == "smooth_l1":
-        return smooth_l1_loss(pred_deltas, target_deltas, beta=beta)
-    return l1_loss(pred_deltas, target_deltas)
-
-
 LOSS_CONFIG_KEYS = ("type", "beta", "loss_weight")
 
 
@@ -193,7 +171,9 @@ class BoxRegressionLoss:
 
     def delta_loss(self, pred_deltas: Tensor, target_deltas: Tensor) -> Tensor:
         """Per-box loss of an L1-family type on encoded deltas (subclasses override)."""
-        return regression_loss(self.type, pred_deltas, target_deltas, beta=self.beta)
+        if self.type == "smooth_l1":
+            return smooth_l1_loss(pred_deltas, target_deltas, beta=self.beta)
+        return l1_loss(pred_deltas, target_deltas)
 
 
 def _non_negative_number(value, where: str) -> float:

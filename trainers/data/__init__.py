@@ -6,15 +6,14 @@ Samples are ``(image, target)`` in torchvision detection form: ``image`` float32
 into the dataset's image list), and ``difficult`` (VOC) / ``iscrowd`` / ``masks`` (COCO).
 """
 
-from trainers.data.build import build_datasets, build_loader, validate_dataset_config
+from trainers.data.build import build_datasets, validate_dataset_config
 from trainers.data.coco import COCODetection
 from trainers.data.synthetic import make_synthetic
-from trainers.data.transforms import (Compose, RandomHorizontalFlip, collate_fn, hflip,
-                                      keep_ratio_size, load_image)
+from trainers.data.transforms import collate_fn, hflip, load_image
 from trainers.data.voc import VOC_CLASSES, VOCDetection
 
 __all__ = [
-    "COCODetection", "Compose", "RandomHorizontalFlip", "VOCDetection", "VOC_CLASSES",
-    "build_datasets", "build_loader", "collate_fn", "hflip", "keep_ratio_size", "load_image",
+    "COCODetection", "VOCDetection", "VOC_CLASSES",
+    "build_datasets", "collate_fn", "hflip", "load_image",
     "make_synthetic", "validate_dataset_config",
 ]

@@ -20,10 +20,8 @@ from __future__ import annotations
 import os
 from numbers import Real
 
-import torch
 
 from trainers.data.coco import COCODetection
-from trainers.data.transforms import Compose, RandomHorizontalFlip, collate_fn
 from trainers.data.voc import VOC_CLASSES, VOCDetection, parse_voc_set
 from trainers.errors import ConfigError, DatasetError, choice_error
 
@@ -144,52 +142,26 @@ def _is_int(value) -> bool:
 def build_datasets(dataset_cfg: dict, with_masks: bool = False):
     """``(train_dataset, test_dataset)`` from the ``dataset`` config section.
 
-    Training gets the horizontal flip (``dataset.flip``) and drops difficult / crowd
-    objects; the test set keeps everything, unflipped, for evaluation.
+    Training drops difficult / crowd objects; the test set keeps everything, for
+    evaluation. Flips are the sampler's (``trainers.sampling``): a function of (seed,
+    epoch), so a resumed run repeats them.
     """
     validate_dataset_config(dataset_cfg)
-    flip = dataset_cfg.get("flip", 0.5)
-    train_transforms = Compose([RandomHorizontalFlip(flip)]) if flip > 0 else None
     if dataset_cfg["kind"] == "voc":
         if with_masks:
             raise ConfigError("dataset.kind", "Mask R-CNN needs instance masks, which VOC "
                               "detection annotations do not have.", "Use kind: coco.")
         class_names = dataset_cfg.get("class_names") or VOC_CLASSES
         train = VOCDetection(dataset_cfg["root"], dataset_cfg["train_sets"],
-                             repeat=dataset_cfg.get("repeat", 1), train=True,
-                             transforms=train_transforms, class_names=class_names)
+                             repeat=dataset_cfg.get("repeat", 1), train=True, class_names=class_names)
         test = VOCDetection(dataset_cfg["root"], dataset_cfg["test_sets"], train=False,
                             class_names=class_names)
         return train, test
     train = COCODetection(dataset_cfg["train_ann"], dataset_cfg["train_images"], train=True,
-                          transforms=train_transforms, with_masks=with_masks)
+                          with_masks=with_masks)
     test = COCODetection(dataset_cfg["val_ann"], dataset_cfg["val_images"], train=False,
                          with_masks=with_masks)
     if train.class_names != test.class_names:
         raise DatasetError(f"dataset.val_ann = {dataset_cfg['val_ann']}",
                            "its categories differ from those of dataset.train_ann.")
     return train, test
-
-
-def build_loader(dataset, batch_size: int, train: bool, num_workers: int, seed: int,
-                 sampler=None) -> torch.utils.data.DataLoader:
-    """A DataLoader of ``(tuple(images), tuple(targets))`` batches.
-
-    Shuffled in training (unless ``sampler`` is given), from a generator seeded with
-    ``seed``: the order and each worker's random flips repeat run to run. Workers stay
-    alive across epochs (``persistent_workers``) so the per-epoch start-up is paid once.
-    """
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate_fn,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        generator=generator,
-        drop_last=False,
-    )
