@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from alwa_sweep.cli import main
 from alwa_sweep.spec import expand_grid, load_spec
 from alwa_sweep.tracking import sqlite_uri
-from trainers.errors import ConfigError, UserInputError
+from trainers.errors import UserInputError
 
 REPO = Path(__file__).resolve().parents[1]
 # released.yaml is the released settings the specs are checked against, not a spec.
