@@ -84,7 +84,12 @@ def _auto_address(field: str) -> Address:
     env = os.environ.get("RAY_ADDRESS")
     if env and env != "auto":
         return parse_address(env, "RAY_ADDRESS")
-    recorded = Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
+    try:  # where `ray start` records the address (RAY_TMPDIR, else TMPDIR, else /tmp)
+        from ray._common.utils import get_ray_address_file
+
+        recorded = Path(get_ray_address_file(None))
+    except ImportError:
+        recorded = Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
     if recorded.is_file() and recorded.read_text().strip():
         return parse_address(recorded.read_text().strip(), f"{field} auto ({recorded})")
     raise ConfigError(field, "'auto' found no running Ray cluster on this machine (RAY_ADDRESS is unset and "
@@ -185,7 +190,9 @@ def connect(address: str | None, *, num_cpus: int | None = None, timeout: float 
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
                 # The dashboard is what frees a killed Train driver's placement group.
                 dashboard = _dashboard_available() if include_dashboard is None else include_dashboard
-                context = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, logging_level="ERROR",
+                # "local": never join a cluster some other `ray start` recorded in /tmp/ray.
+                context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                                   logging_level="ERROR",
                                    log_to_driver=False, configure_logging=True)
             else:
                 context = ray.init(address=addr.ray_init_address, logging_level="ERROR", log_to_driver=False)

@@ -105,30 +105,53 @@ def _param(key, value):
     return Param(key, str(value))
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> None:
+# ---- issue 17: ray init, scheduler, storage (alwa_sweep.preflight/schedulers/storage) ----
+CHECKPOINTS_KEPT = 2  # Tune keeps the newest N checkpoints of a trial in the storage
+
+
+def _init_ray(address: str | None, num_cpus: int | None):
+    """Connect (bounded in time: :func:`alwa_sweep.preflight.connect`); the cluster's info."""
     import ray
 
+    from alwa_sweep.preflight import connect
+
     if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is None:
-        # A local, single-user runtime: no token authentication prompt files needed.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False, configure_logging=True)
-    else:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        return None
+    return connect(address, num_cpus=num_cpus, include_dashboard=False if address is None else None)
 
 
 def _scheduler(spec: Spec):
-    if spec.scheduler["type"] != "asha":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
+    from alwa_sweep.schedulers import build_scheduler
 
-    return ASHAScheduler(time_attr="epoch", metric="score", mode=spec.scheduler["mode"],
-                         grace_period=spec.scheduler["grace_period"],
-                         reduction_factor=spec.scheduler["reduction_factor"],
-                         max_t=max(_epochs(t.config) for t in spec.trials))
+    kinds = {t.config.get("dataset", {}).get("kind") for t in spec.trials}
+    return build_scheduler(spec.scheduler, max(_epochs(t.config) for t in spec.trials),
+                           dataset_kind=kinds.pop() if len(kinds) == 1 else None)
+
+
+def _storage(sweep_dir: Path, state: dict):
+    """Where Tune and Train write: ``state["storage"]`` (the ``--storage`` URI) or, by
+    default, the sweep folder itself (Tune's state in ``<sweep>/tune``)."""
+    from alwa_sweep.storage import resolve_storage
+
+    uri = state.get("storage")
+    if not uri:
+        return resolve_storage(None, default=sweep_dir)
+    return resolve_storage(uri).join(state["name"])
+
+
+def _tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int | None, progress):
+    """A new Tuner, or the restored one when the storage holds this sweep's Tune state."""
+    from ray import tune
+
+    storage = _storage(sweep_dir, state)
+    location = storage.join(TUNE_NAME)
+    restore_path = location.path  # with a filesystem given, bucket/prefix; else a folder or URI
+    if tune.Tuner.can_restore(restore_path, storage_filesystem=storage.filesystem):
+        return tune.Tuner.restore(restore_path, trainable=tune.with_resources(run_trial, _trial_resources(spec)),
+                                  resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=storage.filesystem)
+    return _build_tuner(spec, sweep_dir, state, max_concurrent, progress, storage=storage)
+# ---- end issue 17 ----
 
 
 def _epochs(config: dict) -> int:
@@ -143,7 +166,7 @@ def _trial_resources(spec: Spec) -> dict:
     return {"cpu": resources["cpus_per_worker"], "gpu": resources["gpus_per_worker"]}
 
 
-def _build_tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int | None, progress):
+def _build_tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int | None, progress, storage=None):
     from ray import tune
 
     payloads = _payloads(spec, sweep_dir, state)
@@ -158,23 +181,28 @@ def _build_tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int |
             trial_name_creator=lambda t: names[t.config["trial"]["key"]][:100],
             trial_dirname_creator=lambda t: t.config["trial"]["key"],
         ),
-        run_config=_run_config(spec, sweep_dir, progress),
+        run_config=_run_config(spec, sweep_dir, progress, storage),
     )
 
 
-def _run_config(spec: Spec, sweep_dir: Path, progress):
+def _run_config(spec: Spec, sweep_dir: Path, progress, storage=None):
     from ray import tune
 
+    from alwa_sweep.schedulers import StoppedTrialRecorder
+    from alwa_sweep.storage import resolve_storage
+
+    storage = storage or resolve_storage(None, default=sweep_dir)
+    callbacks = [StoppedTrialRecorder()] + ([progress] if progress is not None else [])
     return tune.RunConfig(
-        name=TUNE_NAME, storage_path=str(sweep_dir.resolve()),
+        name=TUNE_NAME, **storage.run_config_kwargs(),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[progress] if progress is not None else None, verbose=0)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        callbacks=callbacks, verbose=0)
 
 
 def run_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str, *, address: str | None = None,
               max_concurrent: int | None = None, num_cpus: int | None = None,
-              progress=True, state: dict | None = None) -> SweepSummary:
+              progress=True, state: dict | None = None, storage: str | None = None) -> SweepSummary:
     """Run (or, with ``state`` from ``sweep.json``, resume) a sweep to completion."""
     # Tune syncs its experiment state to storage at most every ~10 s by default; a
     # driver killed in between forgets finished trials. Sync every second instead.
@@ -183,20 +211,16 @@ def run_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str, *, address: str | 
     sweep_dir = Path(sweep_dir).resolve()
     if state is None:
         state = prepare_sweep(spec, sweep_dir, tracking_uri)
+        if storage:  # issue 17: --storage, kept for resume (the lead may move this into prepare_sweep)
+            state["storage"] = storage
+            (sweep_dir / "sweep.json").write_text(json.dumps(state, indent=2))
     else:  # a resumed sweep: its store must answer before any trial starts
         open_store(state["tracking_uri"], f"{sweep_dir / 'sweep.json'}: tracking_uri")
     _init_ray(address, num_cpus)
-    from ray import tune
-
     from alwa_sweep.live import LiveTable
 
     reporter = LiveTable(len(spec.trials)) if progress else None
-    tune_path = sweep_dir / TUNE_NAME
-    if tune_path.exists() and tune.Tuner.can_restore(str(tune_path)):
-        tuner = tune.Tuner.restore(str(tune_path), trainable=tune.with_resources(run_trial, _trial_resources(spec)),
-                                   resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = _build_tuner(spec, sweep_dir, state, max_concurrent, reporter)
+    tuner = _tuner(spec, sweep_dir, state, max_concurrent, reporter)  # issue 17: storage-aware
     tuner.fit()
     return finish_sweep(spec, sweep_dir, state)
 
