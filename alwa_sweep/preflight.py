@@ -285,14 +285,21 @@ def _take(bundle: dict, capacity: dict) -> None:
 
 
 def _place(driver: list[dict], workers: list[dict], strategy: str, capacities: list[dict]) -> bool:
-    """Greedy placement (bundles of one trial are identical, so greedy is exact for the
-    worker group): the driver first, then the workers by the strategy."""
-    caps = [dict(c) for c in capacities]
-    for bundle in driver:  # the Tune trial's own placement group
-        host = next((c for c in caps if _fits(bundle, c)), None)
-        if host is None:
-            return False
-        _take(bundle, host)
+    """Whether the trial can be placed: the driver (its own placement group, one bundle)
+    on any node that leaves room for the workers, the workers by the strategy (they are
+    identical bundles, so greedy filling is exact for them)."""
+    if not driver:
+        return _place_workers(workers, strategy, [dict(c) for c in capacities])
+    for i, node in enumerate(capacities):
+        if _fits(driver[0], node):
+            caps = [dict(c) for c in capacities]
+            _take(driver[0], caps[i])
+            if _place(driver[1:], workers, strategy, caps):
+                return True
+    return False
+
+
+def _place_workers(workers: list[dict], strategy: str, caps: list[dict]) -> bool:
     if not workers:
         return True
     if strategy == "STRICT_PACK":
@@ -301,7 +308,7 @@ def _place(driver: list[dict], workers: list[dict], strategy: str, capacities: l
     if strategy == "STRICT_SPREAD":
         return sum(1 for c in caps if _fits(workers[0], c)) >= len(workers)
     placed = 0  # PACK and SPREAD are best effort: any nodes, several bundles per node
-    for c in sorted(caps, key=lambda c: -c.get("GPU", 0)):
+    for c in caps:
         while placed < len(workers) and _fits(workers[0], c):
             _take(workers[0], c)
             placed += 1
@@ -414,3 +421,28 @@ def check_storage_for_cluster(storage, nodes: list[dict], *, field: str = "--sto
     if storage is not None and not storage.is_remote and len(ips) > 1:
         print(f"warning: {field} {storage.display} is a local folder and the cluster spans {len(ips)} hosts: "
               "it must be mounted at the same path on every node (NFS), else use s3://… .", file=out)
+
+
+# ---- all of it, in order ----------------------------------------------------------------
+def before_sweep(address: str | None, *, resources: dict, tracking_uri: str, storage=None,
+                 num_cpus: int | None = None, timeout: float = 5.0, out=None, err=None) -> ClusterInfo:
+    """Every check a sweep needs before it creates MLflow state: the storage's form and
+    reachability, the Ray connection (bounded), the trial's fit, the store's reach.
+    Leaves Ray connected on success; shuts a connection it made down on failure."""
+    import ray
+
+    from alwa_sweep.storage import check_storage_writable
+
+    if storage is not None:
+        check_storage_writable(storage)
+    was_connected = ray.is_initialized()
+    info = connect(address, num_cpus=num_cpus, timeout=timeout, out=out)
+    try:
+        check_trial_fits(resources, info.nodes, info.available, out=err)
+        check_store_for_cluster(tracking_uri, info.nodes, storage)
+        check_storage_for_cluster(storage, info.nodes, out=err)
+    except ConfigError:
+        if not was_connected:
+            ray.shutdown()
+        raise
+    return info

@@ -6,8 +6,10 @@ import re
 import time
 from pathlib import Path
 
+from alwa_sweep.preflight import before_sweep
 from alwa_sweep.spec import check_datasets, load_spec
-from alwa_sweep.sweep_paths import check_address, check_writable, runs_root
+from alwa_sweep.storage import resolve_storage
+from alwa_sweep.sweep_paths import check_writable, runs_root
 from alwa_sweep.tracking import check_tracking_server, default_tracking_uri
 from alwa_sweep.tune import load_sweep_state, print_summary, run_sweep
 from trainers.errors import ConfigError
@@ -36,6 +38,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-check-paths", action="store_true",
                         help="don't check dataset paths on this machine (they exist on the cluster)")
     add_common_arguments(parser)
+    parser.add_argument("--storage", metavar="URI", help="where Ray Tune's state, checkpoints and Train runs go: a "
+                        "folder (shared by all nodes) or s3://bucket/prefix, gs://… (default: the sweep folder)")
+    parser.add_argument("--submit", action="store_true", help="send this command to the cluster as a Ray Job "
+                        "(--address: its dashboard, http://head:8265) and return; see `alwa-sweep status/logs`")
 
 
 def run(args) -> int:
@@ -51,7 +57,11 @@ def run(args) -> int:
     name = args.name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not re.fullmatch(r"[\w.\-]+", name):
         raise ConfigError("--name", f"{name!r} may only hold letters, digits, '.', '_' and '-'.")
-    check_address(args.address)
+    storage = resolve_storage(args.storage) if args.storage else None
+    if args.submit:  # issue 17: the driver runs on the cluster as a Ray Job
+        from alwa_sweep.commands.jobs import submit_run
+
+        return submit_run(args, name)
     sweep_dir = root / "sweeps" / name
     state = None
     if sweep_dir.exists():
@@ -61,8 +71,13 @@ def run(args) -> int:
         if (args.tracking_uri or tracking_uri) != state["tracking_uri"]:
             tracking_uri = state["tracking_uri"]
         print(f"resuming sweep {name} (finished trials are not re-run)")
+        storage = resolve_storage(state["storage"]) if state.get("storage") else storage
+    # issue 17: connect (bounded), check the trial fits and the store/storage reach every node,
+    # all before any MLflow state exists
+    before_sweep(args.address, resources=spec.resources, tracking_uri=tracking_uri, storage=storage,
+                 num_cpus=args.num_cpus)
     summary = run_sweep(spec, sweep_dir, tracking_uri, address=args.address,
                         max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
-                        progress=not args.quiet, state=state)
+                        progress=not args.quiet, state=state, storage=args.storage)
     print_summary(summary)
     return 0 if summary.failed == 0 else 1
