@@ -13,6 +13,8 @@ COMMANDS = [
     ("validate", "validate"),
     ("run", "run"),
     ("resume", "resume"),
+    ("status", "status"),  # issue 17: Ray Jobs (run --submit)
+    ("logs", "logs"),
     ("report", "report"),
     ("ui", "ui"),
     ("demo", "demo"),

@@ -42,6 +42,9 @@ def add_arguments(parser) -> None:
                         "folder (shared by all nodes) or s3://bucket/prefix, gs://… (default: the sweep folder)")
     parser.add_argument("--submit", action="store_true", help="send this command to the cluster as a Ray Job "
                         "(--address: its dashboard, http://head:8265) and return; see `alwa-sweep status/logs`")
+    parser.add_argument("--runtime-env", choices=("pip", "image"), default="pip",
+                        help="with --submit: nodes install the dependencies with pip (cached per node), or "
+                        "their image has them (see Dockerfile)")
 
 
 def run(args) -> int:
