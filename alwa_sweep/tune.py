@@ -151,6 +151,13 @@ def _tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int | None,
                                   resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=storage.filesystem)
     return _build_tuner(spec, sweep_dir, state, max_concurrent, progress, storage=storage)
+def _upload_logs(sweep_dir: Path, state: dict) -> None:
+    from alwa_sweep.trial_logs import upload_trial_logs
+
+    try:
+        upload_trial_logs(_storage(sweep_dir, state).join(TUNE_NAME), state)
+    except Exception as exc:  # noqa: BLE001 -- the logs are a convenience; the sweep's results stand
+        print(f"warning: could not copy the trials' logs into MLflow ({type(exc).__name__}: {exc})", file=sys.stderr)
 # ---- end issue 17 ----
 
 
@@ -197,6 +204,8 @@ def _run_config(spec: Spec, sweep_dir: Path, progress, storage=None):
         name=TUNE_NAME, **storage.run_config_kwargs(),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        # each trial's output in its folder, uploaded with it (alwa_sweep.trial_logs)
+        log_to_file=("stdout.log", "stderr.log"), sync_config=tune.SyncConfig(sync_artifacts=True),
         callbacks=callbacks, verbose=0)
 
 
@@ -222,6 +231,7 @@ def run_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str, *, address: str | 
     reporter = LiveTable(len(spec.trials)) if progress else None
     tuner = _tuner(spec, sweep_dir, state, max_concurrent, reporter)  # issue 17: storage-aware
     tuner.fit()
+    _upload_logs(sweep_dir, state)  # issue 17
     return finish_sweep(spec, sweep_dir, state)
 
 

@@ -120,4 +120,9 @@ def test_sweep_writes_tune_state_and_checkpoints_into_the_bucket(moto_s3, local_
     assert state["storage"] == storage
     assert list_files(resolve_storage(storage).join("s3sweep", "tune"))  # readable through the same API
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("cluster-test").experiment_id])
-    assert sum(r.data.tags.get("alwa.kind") == "trial" for r in runs) == 2
+    trials = [r for r in runs if r.data.tags.get("alwa.kind") == "trial"]
+    assert len(trials) == 2
+    for run in trials:  # each trial's output went to the bucket and into its MLflow run
+        assert any(k.endswith(f"/{run.data.tags['alwa.trial_key']}/stdout.log") for k in keys)
+        logs = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id, "logs")}
+        assert {"logs/stdout.log", "logs/stderr.log"} <= logs, logs
