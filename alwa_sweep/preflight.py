@@ -158,6 +158,13 @@ class ClusterInfo:
     available: dict  # node id → available resources (may be {} when unknown)
     dashboard_url: str | None
     connect_seconds: float = 0.0
+    started: bool = False  # this call connected (so a failure before the sweep runs disconnects)
+
+    def disconnect_if_started(self) -> None:
+        if self.started:
+            import ray
+
+            ray.shutdown()
 
     @property
     def node_ips(self) -> set[str]:
@@ -177,7 +184,8 @@ def connect(address: str | None, *, num_cpus: int | None = None, timeout: float 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     addr = effective_address(address)
     start = time.monotonic()
-    if ray.is_initialized():
+    started = not ray.is_initialized()
+    if not started:
         context = None
     else:
         if addr is not None:
@@ -205,7 +213,7 @@ def connect(address: str | None, *, num_cpus: int | None = None, timeout: float 
                               "versions (`ray --version`).") from None
     url = _dashboard_url(context)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    info = ClusterInfo(addr, nodes, available_per_node(), url, time.monotonic() - start)
+    info = ClusterInfo(addr, nodes, available_per_node(), url, time.monotonic() - start, started)
     where = f"cluster at {addr.text}" if addr else "local Ray runtime"
     print(f"ray: {where}, {len(nodes)} node(s), {_format_resources(ray.cluster_resources())}"
           + (f"; dashboard {url}" if url else ""), file=out)

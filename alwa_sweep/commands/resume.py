@@ -10,7 +10,7 @@ from alwa_sweep.preflight import before_sweep
 from alwa_sweep.storage import resolve_storage
 from alwa_sweep.sweep_paths import runs_root
 from alwa_sweep.tune import load_sweep_state, print_summary, run_sweep
-from trainers.errors import ConfigError
+from trainers.errors import ConfigError, UserInputError
 
 HELP = "resume an interrupted sweep (by folder or name): finished trials are not re-run"
 
@@ -35,10 +35,14 @@ def run(args) -> int:
     # The spec as it was run; paths were checked when it was launched.
     spec = load_spec(sweep_dir / "spec.yaml", check_paths=False)
     storage = resolve_storage(state["storage"]) if state.get("storage") else None
-    before_sweep(args.address, resources=spec.resources, tracking_uri=state["tracking_uri"], storage=storage,
-                 num_cpus=args.num_cpus)  # issue 17
-    summary = run_sweep(spec, sweep_dir, state["tracking_uri"], address=args.address,
-                        max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
-                        progress=not args.quiet, state=state)
+    cluster = before_sweep(args.address, resources=spec.resources, tracking_uri=state["tracking_uri"], storage=storage,
+                           num_cpus=args.num_cpus)  # issue 17
+    try:
+        summary = run_sweep(spec, sweep_dir, state["tracking_uri"], address=args.address,
+                            max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
+                            progress=not args.quiet, state=state)
+    except UserInputError:  # e.g. the store can't be created: leave no Ray runtime behind
+        cluster.disconnect_if_started()
+        raise
     print_summary(summary)
     return 0 if summary.failed == 0 else 1

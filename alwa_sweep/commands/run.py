@@ -12,7 +12,7 @@ from alwa_sweep.storage import resolve_storage
 from alwa_sweep.sweep_paths import check_writable, runs_root
 from alwa_sweep.tracking import check_tracking_server, default_tracking_uri
 from alwa_sweep.tune import load_sweep_state, print_summary, run_sweep
-from trainers.errors import ConfigError
+from trainers.errors import ConfigError, UserInputError
 
 HELP = "run a sweep spec with Ray Tune (local runtime by default, or --address for a cluster)"
 
@@ -77,10 +77,14 @@ def run(args) -> int:
         storage = resolve_storage(state["storage"]) if state.get("storage") else storage
     # issue 17: connect (bounded), check the trial fits and the store/storage reach every node,
     # all before any MLflow state exists
-    before_sweep(args.address, resources=spec.resources, tracking_uri=tracking_uri, storage=storage,
-                 num_cpus=args.num_cpus)
-    summary = run_sweep(spec, sweep_dir, tracking_uri, address=args.address,
-                        max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
-                        progress=not args.quiet, state=state, storage=args.storage)
+    cluster = before_sweep(args.address, resources=spec.resources, tracking_uri=tracking_uri, storage=storage,
+                           num_cpus=args.num_cpus)
+    try:
+        summary = run_sweep(spec, sweep_dir, tracking_uri, address=args.address,
+                            max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
+                            progress=not args.quiet, state=state, storage=args.storage)
+    except UserInputError:  # e.g. the store can't be created: leave no Ray runtime behind
+        cluster.disconnect_if_started()
+        raise
     print_summary(summary)
     return 0 if summary.failed == 0 else 1
