@@ -444,7 +444,10 @@ def before_sweep(address: str | None, *, resources: dict, tracking_uri: str, sto
     if storage is not None:
         check_storage_writable(storage)
     was_connected = ray.is_initialized()
-    info = connect(address, num_cpus=num_cpus, timeout=timeout, out=out)
+    # A local runtime starts the dashboard only for multi-worker trials: it is what frees
+    # a killed Train driver's placement group (RAY_MLFLOW_NOTES), and it costs startup time.
+    dashboard = int(resources.get("workers", 1)) > 1 and _dashboard_available()
+    info = connect(address, num_cpus=num_cpus, timeout=timeout, include_dashboard=dashboard, out=out)
     try:
         check_trial_fits(resources, info.nodes, info.available, out=err)
         check_store_for_cluster(tracking_uri, info.nodes, storage)

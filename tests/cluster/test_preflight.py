@@ -156,3 +156,33 @@ def test_fit_against_the_real_cluster(ray_cluster, mlflow_server, tmp_path):
         check_store_for_cluster(sqlite_uri(tmp_path / "shared" / "mlflow.db"), nodes, shared)
     finally:
         ray.shutdown()
+
+
+def _node(node_id, ip, **resources):
+    return {"NodeID": node_id, "Alive": True, "NodeManagerAddress": ip, "Resources": resources}
+
+
+def test_fit_places_the_train_driver_where_it_leaves_room_for_the_workers():
+    gpu_node = _node("b", "10.0.0.2", CPU=2.0, GPU=2.0)
+    cpu_node = _node("a", "10.0.0.1", CPU=4.0)
+    strict = {"workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 1, "placement_strategy": "STRICT_PACK"}
+    # the 1-CPU driver can't sit on the GPU node (2 workers need both its CPUs): it goes on the CPU node
+    assert check_trial_fits(strict, [gpu_node, cpu_node]).fits
+    with pytest.raises(ConfigError, match=r"^resources\.workers: 2 workers must share one node"):
+        check_trial_fits(strict, [gpu_node])
+    # PACK may spread 4 one-GPU workers over two 2-GPU nodes; STRICT_PACK may not
+    two = [_node("b", "10.0.0.2", CPU=8.0, GPU=2.0), _node("c", "10.0.0.3", CPU=8.0, GPU=2.0)]
+    assert check_trial_fits({"workers": 4, "cpus_per_worker": 2, "gpus_per_worker": 1}, two).fits
+    with pytest.raises(ConfigError, match="STRICT_PACK"):
+        check_trial_fits({"workers": 4, "cpus_per_worker": 2, "gpus_per_worker": 1,
+                          "placement_strategy": "STRICT_PACK"}, two)
+    with pytest.raises(ConfigError, match=r"^resources\.placement_strategy: unknown value 'TIGHT'"):
+        check_trial_fits({"workers": 2, "placement_strategy": "tight"}, two)
+
+
+def test_loopback_tracking_server_refused_only_across_hosts():
+    same_host = [_node("a", "10.0.0.1", CPU=1.0), _node("b", "10.0.0.1", CPU=1.0)]
+    check_store_for_cluster("http://127.0.0.1:5000", same_host)
+    with pytest.raises(ConfigError, match=r"^--tracking-uri: 'http://127.0.0.1:5000' is a loopback address"):
+        check_store_for_cluster("http://127.0.0.1:5000", [same_host[0], _node("c", "10.0.0.2", CPU=1.0)])
+    check_store_for_cluster("sqlite:////tmp/x/mlflow.db", same_host[:1])  # one node: fine
