@@ -15,7 +15,7 @@ from alwa_sweep.cli import main
 from alwa_sweep.commands.jobs import dashboard_address, driver_arguments, submit
 from trainers.errors import ConfigError
 
-from test_preflight import _spec  # noqa: E402 -- same folder (rootdir-relative import)
+from cluster_helpers import free_port, tiny_spec_file as _spec, wait_http
 
 
 def test_dashboard_address_forms(monkeypatch):
@@ -50,8 +50,6 @@ def head_with_dashboard():
     import ray
     from ray.cluster_utils import Cluster
 
-    from conftest import free_port
-
     if ray.is_initialized():
         ray.shutdown()
     old_tmp = os.environ.get("RAY_TMPDIR")
@@ -70,8 +68,6 @@ def head_with_dashboard():
 
 @pytest.mark.slow
 def test_submitted_command_runs_on_the_cluster_and_its_logs_come_back(head_with_dashboard, tmp_path, capsys):
-    from conftest import wait_http
-
     wait_http(f"{head_with_dashboard}/api/version", 60)
     spec = _spec(tmp_path)
     job = submit(head_with_dashboard, ["validate", "spec.yaml"], f"alwa-validate-{os.getpid()}",

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from alwa_sweep.cli import main
+from cluster_helpers import tiny_spec_file
 from alwa_sweep.preflight import (available_per_node, before_sweep, check_store_for_cluster, check_trial_fits,
                                   parse_address, probe_address)
 from alwa_sweep.storage import resolve_storage
@@ -21,16 +22,7 @@ from trainers.errors import ConfigError
 SECONDS = 30
 
 
-def _spec(tmp_path, resources=None) -> str:
-    spec = {"name": "pre", "experiment": "pre-test",
-            "base": {"dataset": {"kind": "voc", "root": str(tmp_path / "nowhere"), "train_sets": ["2007/trainval"],
-                                 "test_sets": ["2007/test"], "scale": [128, 128], "num_workers": 0},
-                     "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
-                     "schedule": {"unit": "iter", "max_iters": 4, "steps": [2], "warmup_iters": 0}},
-            "grid": {"weighting.method": ["none"]}, "resources": resources or {"cpus_per_worker": 1}}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return str(path)
+_spec = tiny_spec_file
 
 
 def _run_fails(capsys, tmp_path, *args, field):
