@@ -55,6 +55,21 @@ class Resources(Section):
     workers: int = Field(1, ge=1, le=1024, description="DDP workers (processes) per trial")
     cpus_per_worker: float = Field(1, ge=0, le=1024)
     gpus_per_worker: float = Field(0, ge=0, le=64)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each worker reserves, e.g. {worker: 1}")
+    accelerator_type: Optional[str] = Field(None, min_length=1, max_length=64,
+                                            description="Ray's accelerator type of the GPUs, e.g. A100")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how a DDP trial's workers are placed on nodes (Ray's placement strategies)")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name.upper() in ("CPU", "GPU") or not name or amount < 0 or amount > 1e6:
+                raise ValueError(f"{name!r}: {amount} — custom resources need a name other than CPU/GPU "
+                                 "and an amount in [0, 1e6]")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Resources":

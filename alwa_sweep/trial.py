@@ -21,8 +21,9 @@ from pathlib import Path
 
 from alwa_sweep.tracking import MlflowHook, end_run, find_runs_by_tag
 from reports.schema import (DONE_STATUSES, KIND_TRIAL, METRIC_LOSS, STATUS_ERROR, STATUS_PENDING, STATUS_RUNNING,
-                            TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRIAL_KEY, main_metric)
-from trainers.engine import train
+                            STATUS_STOPPED, TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRIAL_KEY)
+from alwa_sweep.schedulers import tune_result
+from trainers.engine import Diverged, train
 from trainers.hooks import TrainingHook
 
 
@@ -49,14 +50,6 @@ def _checkpoint_for_report(path: Path):
     return tune.Checkpoint.from_directory(str(staging)), staging
 
 
-def _result(iteration: int, epoch: int, status: str, metrics: dict | None = None,
-            loss: float | None = None) -> dict:
-    score = main_metric(metrics or {})
-    return {"iteration": iteration, "epoch": epoch, "status": status,
-            "score": float(score) if score is not None else 0.0,
-            "loss": float("nan") if loss is None else loss}
-
-
 class TuneReportHook(TrainingHook):
     """Each checkpoint, with the latest loss and score, goes to ``report`` (Tune's or
     Train's); every rank gets it (Train wants every rank to report)."""
@@ -75,15 +68,21 @@ class TuneReportHook(TrainingHook):
             self.metrics = metrics
 
     def on_checkpoint(self, path, iteration, epoch):
-        result = _result(iteration, epoch, STATUS_RUNNING, self.metrics, self.loss)
+        result = tune_result(iteration, epoch, STATUS_RUNNING, self.metrics, self.loss)
         if path is None:
-            self.report(result, checkpoint=None)
+            self._report(result, None)
             return
         checkpoint, staging = _checkpoint_for_report(Path(path))
         try:
-            self.report(result, checkpoint=checkpoint)
+            self._report(result, checkpoint)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _report(self, result: dict, checkpoint) -> None:
+        try:
+            self.report(result, checkpoint=checkpoint)
+        except SystemExit:  # Tune stopped this trial (ASHA) while it waited in report()
+            raise Diverged(STATUS_STOPPED, f"stopped early by the scheduler at epoch {result['epoch']}") from None
 
 
 def _resume_source(get_checkpoint, workdir: Path):
@@ -138,7 +137,7 @@ def run_trial(params: dict) -> None:
     payload["run_id"] = run.info.run_id
     status = run.data.tags.get(TAG_STATUS)
     if status in DONE_STATUSES:
-        tune.report({**_result(0, 0, status, run.data.metrics), "skipped": True})
+        tune.report({**tune_result(0, 0, status, run.data.metrics), "skipped": True})
         return
     try:
         if payload["workers"] > 1:
@@ -146,11 +145,24 @@ def run_trial(params: dict) -> None:
             _run_distributed(payload)
             return
         result = _train_with_logging(payload, tune.report, tune.get_checkpoint)
+        if result.status == STATUS_STOPPED:
+            return  # Tune takes no more results from a stopped trial
     except Exception as exc:  # recorded in MLflow (again, if the engine got that far); the sweep goes on
         end_run(client, payload["run_id"], STATUS_ERROR, f"{type(exc).__name__}: {exc}")
-        tune.report({**_result(0, 0, STATUS_ERROR), "error": f"{type(exc).__name__}: {exc}"[:500]})
+        tune.report({**tune_result(0, 0, STATUS_ERROR), "error": f"{type(exc).__name__}: {exc}"[:500]})
         return
-    tune.report(_result(result.iterations, -1, result.status, result.metrics))
+    tune.report(tune_result(result.iterations, _last_epoch(result), result.status, result.metrics))
+
+
+def _train_storage(payload: dict) -> dict:
+    """Where Ray Train keeps a DDP trial's runs: the sweep's ``--storage``, else its folder."""
+    from alwa_sweep.storage import resolve_storage
+
+    if payload.get("storage"):
+        storage = resolve_storage(payload["storage"]).join(payload["sweep_name"], "train")
+    else:
+        storage = resolve_storage(payload["train_storage"])
+    return storage.run_config_kwargs()
 
 
 def _train_worker(payload: dict) -> None:
@@ -161,7 +173,13 @@ def _train_worker(payload: dict) -> None:
     is_main = ray.train.get_context().get_world_rank() == 0
     result = _train_with_logging(payload, ray.train.report, ray.train.get_checkpoint,
                                  device=ray.train.torch.get_device(), is_main=is_main)
-    ray.train.report(_result(result.iterations, -1, result.status, result.metrics), checkpoint=None)
+    ray.train.report(tune_result(result.iterations, _last_epoch(result), result.status, result.metrics),
+                     checkpoint=None)
+
+
+def _last_epoch(result) -> int:
+    """The epoch of the last evaluation (ASHA's time attribute), 0 before any."""
+    return int(result.evaluations[-1][0]) if result.evaluations else 0
 
 
 def _run_distributed(payload: dict) -> None:
@@ -170,15 +188,17 @@ def _run_distributed(payload: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     use_gpu = payload["gpus_per_worker"] > 0
-    per_worker = {"CPU": payload["cpus_per_worker"]}
+    per_worker = {"CPU": payload["cpus_per_worker"], **(payload.get("resources_per_worker") or {})}
     if use_gpu:
         per_worker["GPU"] = payload["gpus_per_worker"]
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=payload,
         scaling_config=ray.train.ScalingConfig(num_workers=payload["workers"], use_gpu=use_gpu,
-                                               resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(name=f"train-{payload['key']}", storage_path=payload["train_storage"],
+                                               resources_per_worker=per_worker,
+                                               accelerator_type=payload.get("accelerator_type"),
+                                               placement_strategy=payload.get("placement_strategy", "PACK")),
+        run_config=ray.train.RunConfig(name=f"train-{payload['key']}", **_train_storage(payload),
                                        callbacks=[TuneReportCallback()],
                                        failure_config=ray.train.FailureConfig(max_failures=payload["max_failures"])),
     )

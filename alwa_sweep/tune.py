@@ -72,6 +72,7 @@ def _payloads(spec: Spec, sweep_dir: Path, state: dict) -> list[dict]:
         "config": trial.config.dump(),  # plain data: Tune restores placeholders for objects
         "workdir": str(sweep_dir / "trials" / trial.key),
         "train_storage": str(sweep_dir / "train"),
+        "storage": state.get("storage"),
         "tracking_uri": state["tracking_uri"],
         "experiment_id": state["experiment_id"],
         "parent_run_id": state["parent_run_id"],
@@ -79,11 +80,14 @@ def _payloads(spec: Spec, sweep_dir: Path, state: dict) -> list[dict]:
         "workers": resources.workers,
         "cpus_per_worker": resources.cpus_per_worker,
         "gpus_per_worker": resources.gpus_per_worker,
+        "resources_per_worker": resources.resources_per_worker,
+        "accelerator_type": resources.accelerator_type,
+        "placement_strategy": resources.placement_strategy,
         "max_failures": spec.max_failures,
     } for trial in spec.trials]
 
 
-def prepare_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str) -> dict:
+def prepare_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str, storage: str | None = None) -> dict:
     """Create the store, experiment and parent run, and write the sweep folder."""
     client = open_store(tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.experiment)
@@ -101,6 +105,8 @@ def prepare_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str) -> dict:
     state = {"name": name, "spec_name": spec.name, "experiment": spec.experiment,
              "experiment_id": experiment_id, "parent_run_id": parent.info.run_id,
              "tracking_uri": tracking_uri, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if storage:  # --storage, kept for resume
+        state["storage"] = storage
     write_sweep_state(sweep_dir, state)
     return state
 
@@ -111,30 +117,61 @@ def _param(key, value):
     return Param(key, str(value))
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> None:
+# ---- ray init, scheduler, storage (alwa_sweep.preflight / schedulers / storage) ----
+CHECKPOINTS_KEPT = 2  # Tune keeps the newest N checkpoints of a trial in the storage
+
+
+def _init_ray(address: str | None, num_cpus: int | None):
+    """Connect (bounded in time: :func:`alwa_sweep.preflight.connect`); the cluster's info."""
     import ray
 
+    from alwa_sweep.preflight import connect
+
     if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is None:
-        # A local, single-user runtime: no token authentication prompt files needed.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False, configure_logging=True)
-    else:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        return None
+    return connect(address, num_cpus=num_cpus, include_dashboard=False if address is None else None)
 
 
 def _scheduler(spec: Spec):
-    if spec.scheduler.type != "asha":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
+    from alwa_sweep.schedulers import build_scheduler
 
-    return ASHAScheduler(time_attr="epoch", metric="score", mode=spec.scheduler.mode,
-                         grace_period=spec.scheduler.grace_period,
-                         reduction_factor=spec.scheduler.reduction_factor,
-                         max_t=max(_epochs(t.config) for t in spec.trials))
+    kinds = {t.config.dataset.kind for t in spec.trials}
+    return build_scheduler(spec.scheduler.model_dump(), max(_epochs(t.config) for t in spec.trials),
+                           dataset_kind=kinds.pop() if len(kinds) == 1 else None)
+
+
+def _storage(sweep_dir: Path, state: dict):
+    """Where Tune and Train write: ``state["storage"]`` (the ``--storage`` URI) or, by
+    default, the sweep folder itself (Tune's state in ``<sweep>/tune``)."""
+    from alwa_sweep.storage import resolve_storage
+
+    uri = state.get("storage")
+    if not uri:
+        return resolve_storage(None, default=sweep_dir)
+    return resolve_storage(uri).join(state["name"])
+
+
+def _tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int | None, progress):
+    """A new Tuner, or the restored one when the storage holds this sweep's Tune state."""
+    from ray import tune
+
+    storage = _storage(sweep_dir, state)
+    location = storage.join(TUNE_NAME)
+    restore_path = location.path  # with a filesystem given, bucket/prefix; else a folder or URI
+    if tune.Tuner.can_restore(restore_path, storage_filesystem=storage.filesystem):
+        return tune.Tuner.restore(restore_path, trainable=tune.with_resources(run_trial, _trial_resources(spec)),
+                                  resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=storage.filesystem)
+    return _build_tuner(spec, sweep_dir, state, max_concurrent, progress, storage=storage)
+
+
+def _upload_logs(sweep_dir: Path, state: dict) -> None:
+    from alwa_sweep.trial_logs import upload_trial_logs
+
+    try:
+        upload_trial_logs(_storage(sweep_dir, state).join(TUNE_NAME), state)
+    except Exception as exc:  # noqa: BLE001 -- the logs are a convenience; the sweep's results stand
+        print(f"warning: could not copy the trials' logs into MLflow ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def _epochs(config) -> int:
@@ -142,14 +179,18 @@ def _epochs(config) -> int:
     return schedule.epochs if schedule.unit == "epoch" else 10**6
 
 
-def _trial_resources(spec: Spec) -> dict:
-    resources = spec.resources
-    if resources.workers > 1:
-        return {"cpu": 1}  # the Train driver; the workers reserve their own resources
-    return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker}
+def _trial_resources(spec: Spec):
+    """What one Tune trial reserves: its bundle (a single-worker trial trains in it), or
+    the Train driver's 1 CPU (the DDP workers reserve their own)."""
+    from ray import tune
+
+    from alwa_sweep.preflight import trial_bundles
+
+    driver, _, _ = trial_bundles(spec.resources.model_dump())
+    return tune.PlacementGroupFactory(driver)
 
 
-def _build_tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int | None, progress):
+def _build_tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int | None, progress, storage=None):
     from ray import tune
 
     payloads = _payloads(spec, sweep_dir, state)
@@ -164,29 +205,38 @@ def _build_tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int |
             trial_name_creator=lambda t: names[t.config["trial"]["key"]][:100],
             trial_dirname_creator=lambda t: t.config["trial"]["key"],
         ),
-        run_config=_run_config(spec, sweep_dir, progress),
+        run_config=_run_config(spec, sweep_dir, progress, storage),
     )
 
 
-def _run_config(spec: Spec, sweep_dir: Path, progress):
+def _run_config(spec: Spec, sweep_dir: Path, progress, storage=None):
     from ray import tune
 
+    from alwa_sweep.schedulers import StoppedTrialRecorder
+    from alwa_sweep.storage import resolve_storage
+
+    storage = storage or resolve_storage(None, default=sweep_dir)
+    callbacks = [StoppedTrialRecorder()] + ([progress] if progress is not None else [])
     return tune.RunConfig(
-        name=TUNE_NAME, storage_path=str(sweep_dir.resolve()),
+        name=TUNE_NAME, **storage.run_config_kwargs(),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        callbacks=[progress] if progress is not None else None, verbose=0)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        # each trial's output in its folder, uploaded with it (alwa_sweep.trial_logs)
+        log_to_file=("stdout.log", "stderr.log"), sync_config=tune.SyncConfig(sync_artifacts=True),
+        callbacks=callbacks, verbose=0)
 
 
 def run_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str, *, address: str | None = None,
               max_concurrent: int | None = None, num_cpus: int | None = None,
-              progress=True, state: dict | None = None) -> SweepSummary:
+              progress=True, state: dict | None = None, storage: str | None = None) -> SweepSummary:
     """Run (or, with ``state`` from ``sweep.json``, resume) a sweep to completion.
 
-    The sweep folder is locked for the whole run (a second driver fails at once), and
-    the sweep's parent run is ended on every exit path: FINISHED when every trial
-    reached an outcome, KILLED when interrupted (SIGTERM, Ctrl-C) or left incomplete,
-    FAILED on an error."""
+    ``storage`` (``--storage``) is where Tune's state, checkpoints and Train runs go
+    (default: the sweep folder); it is kept in ``sweep.json`` for resume. The sweep
+    folder is locked for the whole run (a second driver fails at once), and the sweep's
+    parent run is ended on every exit path: FINISHED when every trial reached an
+    outcome, KILLED when interrupted (SIGTERM, Ctrl-C) or left incomplete, FAILED on an
+    error."""
     # Tune syncs its experiment state to storage at most every ~10 s by default; a
     # driver killed in between forgets finished trials. Sync every second instead.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
@@ -194,12 +244,13 @@ def run_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str, *, address: str | 
     sweep_dir = Path(sweep_dir).resolve()
     with terminate_on_signals():
         if state is None:
-            state = prepare_sweep(spec, sweep_dir, tracking_uri)
+            state = prepare_sweep(spec, sweep_dir, tracking_uri, storage=storage)
         else:  # a resumed sweep: its store must answer before any trial starts
             open_store(state["tracking_uri"], f"{sweep_dir / 'sweep.json'}: tracking_uri")
         try:
             with FolderLock(sweep_dir, what="sweep folder", command="alwa-sweep run/resume"):
                 _fit(spec, sweep_dir, state, address, max_concurrent, num_cpus, progress)
+                _upload_logs(sweep_dir, state)
                 return finish_sweep(spec, sweep_dir, state)
         except BaseException as exc:
             _end_parent(state, exc)
@@ -208,20 +259,11 @@ def run_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str, *, address: str | 
 
 def _fit(spec: Spec, sweep_dir: Path, state: dict, address, max_concurrent, num_cpus, progress) -> None:
     _init_ray(address, num_cpus)
-    from ray import tune
-
     from alwa_sweep.live import LiveTable
 
     with terminate_on_signals():  # ray.init installs its own SIGTERM handler: take the signals back
         reporter = LiveTable(len(spec.trials)) if progress else None
-        tune_path = sweep_dir / TUNE_NAME
-        if tune_path.exists() and tune.Tuner.can_restore(str(tune_path)):
-            tuner = tune.Tuner.restore(str(tune_path),
-                                       trainable=tune.with_resources(run_trial, _trial_resources(spec)),
-                                       resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = _build_tuner(spec, sweep_dir, state, max_concurrent, reporter)
-        tuner.fit()
+        _tuner(spec, sweep_dir, state, max_concurrent, reporter).fit()
 
 
 def _end_parent(state: dict, exc: BaseException) -> None:

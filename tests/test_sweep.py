@@ -252,6 +252,7 @@ def test_asha_scheduler_stops_on_the_per_epoch_score(synthetic_voc):
     spec_dict["base"]["schedule"] = {"unit": "epoch", "epochs": 6, "steps": [5]}
     scheduler = _scheduler(load_spec(spec_dict))
     assert isinstance(scheduler, ASHAScheduler)
-    assert scheduler._time_attr == "epoch" and scheduler._metric == "score" and scheduler._mode == "max"
+    # the spec's metric (default: the main metric as reported), never a placeholder score
+    assert scheduler._time_attr == "epoch" and scheduler._metric == "val/map" and scheduler._mode == "max"
     assert scheduler._max_t == 6 and scheduler._reduction_factor == 2
     assert _scheduler(load_spec(tiny_spec(synthetic_voc, {"weighting.method": ["none"]}))) is None

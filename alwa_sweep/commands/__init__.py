@@ -14,6 +14,8 @@ COMMANDS = [
     ("schema", "schema", "write the JSON Schema of sweep specs (editor completion and checks)"),
     ("run", "run", "run a sweep spec with Ray Tune (local runtime by default, or --address for a cluster)"),
     ("resume", "resume", "resume an interrupted sweep (by folder or name): finished trials are not re-run"),
+    ("status", "status", "the state of sweeps submitted as Ray Jobs (run --submit)"),
+    ("logs", "logs", "the driver's log of a sweep submitted as a Ray Job"),
     ("report", "report", "the paper's tables (Markdown/LaTeX) and figures from the MLflow records"),
     ("ui", "ui", "open the MLflow UI on a sweep's store"),
     ("demo", "demo", "the CPU demo sweep: synthetic data, a tiny detector, tables and figures"),

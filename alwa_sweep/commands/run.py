@@ -6,11 +6,13 @@ import re
 import time
 from pathlib import Path
 
+from alwa_sweep.preflight import before_sweep
 from alwa_sweep.spec import check_datasets, load_spec
-from alwa_sweep.sweep_paths import check_address, check_writable, runs_root
+from alwa_sweep.storage import resolve_storage
+from alwa_sweep.sweep_paths import check_writable, runs_root
 from alwa_sweep.tracking import check_tracking_server, default_tracking_uri
 from alwa_sweep.tune import load_sweep_state, print_summary, run_sweep
-from trainers.errors import ConfigError
+from trainers.errors import ConfigError, UserInputError
 
 
 
@@ -38,6 +40,13 @@ def add_arguments(parser) -> None:
                         help="when a sweep of this --name exists with another spec, start this one under a "
                         "fresh name (<name>-2, ...) instead of refusing")
     add_common_arguments(parser)
+    parser.add_argument("--storage", metavar="URI", help="where Ray Tune's state, checkpoints and Train runs go: a "
+                        "folder (shared by all nodes) or s3://bucket/prefix, gs://… (default: the sweep folder)")
+    parser.add_argument("--submit", action="store_true", help="send this command to the cluster as a Ray Job "
+                        "(--address: its dashboard, http://head:8265) and return; see `alwa-sweep status/logs`")
+    parser.add_argument("--runtime-env", choices=("pip", "image"), default="pip",
+                        help="with --submit: nodes install the dependencies with pip (cached per node), or "
+                        "their image has them (see Dockerfile)")
 
 
 def run(args) -> int:
@@ -54,7 +63,11 @@ def run(args) -> int:
     if not re.fullmatch(r"[\w.\-]{1,100}", name) or not any(c.isalnum() for c in name):
         raise ConfigError("--name", f"{name!r} may only hold letters, digits, '.', '_' and '-' (at most 100).",
                           "Pick another name.")
-    check_address(args.address)
+    storage = resolve_storage(args.storage) if args.storage else None
+    if args.submit:  # the driver runs on the cluster as a Ray Job
+        from alwa_sweep.commands.jobs import submit_run
+
+        return submit_run(args, name)
     sweep_dir = root / "sweeps" / name
     state = None
     if sweep_dir.exists():
@@ -74,9 +87,18 @@ def run(args) -> int:
             if (args.tracking_uri or tracking_uri) != state["tracking_uri"]:
                 tracking_uri = state["tracking_uri"]
             print(f"resuming sweep {name} (finished trials are not re-run)")
-    summary = run_sweep(spec, sweep_dir, tracking_uri, address=args.address,
-                        max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
-                        progress=not args.quiet, state=state)
+            storage = resolve_storage(state["storage"]) if state.get("storage") else storage
+    # Connect (bounded), check the trial fits and the store/storage reach every node,
+    # all before any MLflow state exists.
+    cluster = before_sweep(args.address, resources=spec.resources.model_dump(), tracking_uri=tracking_uri, storage=storage,
+                           num_cpus=args.num_cpus)
+    try:
+        summary = run_sweep(spec, sweep_dir, tracking_uri, address=args.address,
+                            max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
+                            progress=not args.quiet, state=state, storage=args.storage)
+    except UserInputError:  # e.g. the store can't be created: leave no Ray runtime behind
+        cluster.disconnect_if_started()
+        raise
     print_summary(summary)
     return 0 if summary.failed == 0 else 1
 
