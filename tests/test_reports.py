@@ -341,6 +341,12 @@ def test_table1_absolute_row_deltas_bold_and_missing(store):
     assert set(table.cells["voc_adamw_l1"]) == {"–"}
     # ResNet-101 and RetinaNet runs are not Table 1's; the pin is said
     assert any("model.backbone = resnet50 (also found: resnet101)" in n for n in table.notes)
+    # the paper marks rows: a pair whose every measured delta is an improvement, label too
+    improving = {row for row in table.signed_rows
+                 if (deltas := [v for v in table.values.loc[row] if v == v])
+                 and all(round(v, 2) >= 0 for v in deltas) and any(round(v, 2) > 0 for v in deltas)}
+    assert table.bold_labels == improving and row_of(table, **{"Loss weight (cls, reg)": "(0.25,0.50)"}) \
+        in improving and row_of(table, **{"Loss weight (cls, reg)": "(2.00,2.00)"}) not in improving
 
 
 def test_table1_experiment_includes_a_lone_train_run(store):
