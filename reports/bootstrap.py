@@ -150,26 +150,38 @@ class DeltaInterval:
         return self.low > 0 or self.high < 0
 
 
-def paired_delta(baseline: dict, other: dict, n_resamples: int = 1000, seed: int = 0,
+def paired_delta(baseline, other, n_resamples: int = 1000, seed: int = 0,
                  level: float = 0.95, chunk: int = 100) -> DeltaInterval:
     """Paired bootstrap interval of ``mAP(other) - mAP(baseline)`` over test images.
 
-    ``baseline``/``other`` are ``load_detections`` results evaluated on the same images
-    (same ids, same ground truth). The evaluation settings are those in their ``meta``.
+    ``baseline``/``other``: ``load_detections`` results evaluated on the same images
+    (same ids, same ground truth), or equally long lists of them (the seeds of two
+    configs, paired seed by seed): then the delta is the mean over the pairs, and each
+    resample draws the same images for every pair. The evaluation settings are those in
+    the first one's ``meta``.
     """
-    _check_same_images(baseline, other)
-    meta = baseline["meta"]
+    baselines = baseline if isinstance(baseline, list) else [baseline]
+    others = other if isinstance(other, list) else [other]
+    if len(baselines) != len(others) or not baselines:
+        raise UserInputError("paired_delta", f"{len(baselines)} baselines for {len(others)} trials.",
+                             "Pair the trials seed by seed.")
+    for item in baselines[1:] + others:
+        _check_same_images(baselines[0], item)
+    meta = baselines[0]["meta"]
     settings = dict(iou_threshold=meta.get("iou_threshold", 0.5), method=meta.get("method", "11point"),
                     legacy_coordinates=meta.get("legacy_coordinates", False))
-    a = prepare(baseline["detections"], baseline["annotations"], **settings)
-    b = prepare(other["detections"], other["annotations"], **settings)
-    full = np.ones((1, a.n_images), dtype=np.int32)
-    map_a, map_b = float(weighted_maps(a, full)[0]), float(weighted_maps(b, full)[0])
+    a = [prepare(x["detections"], x["annotations"], **settings) for x in baselines]
+    b = [prepare(x["detections"], x["annotations"], **settings) for x in others]
+    n_images = a[0].n_images
+    full = np.ones((1, n_images), dtype=np.int32)
+    map_a = float(np.mean([weighted_maps(p, full)[0] for p in a]))
+    map_b = float(np.mean([weighted_maps(p, full)[0] for p in b]))
     rng = np.random.default_rng(seed)
     deltas = []
     for start in range(0, n_resamples, chunk):
-        weights = resample_weights(a.n_images, min(chunk, n_resamples - start), rng)
-        deltas.append(weighted_maps(b, weights) - weighted_maps(a, weights))
+        weights = resample_weights(n_images, min(chunk, n_resamples - start), rng)
+        deltas.append(np.mean([weighted_maps(pb, weights) - weighted_maps(pa, weights)
+                               for pa, pb in zip(a, b)], axis=0))
     deltas = np.concatenate(deltas) * 100.0
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(deltas, [tail, 1.0 - tail])

@@ -60,7 +60,7 @@ from reports.runs import metric_column
 from trainers.errors import ConfigError
 
 MISSING = "–"
-DIVERGED = ("nan", "overflow")
+DIVERGED = (S.STATUS_NAN, S.STATUS_OVERFLOW)
 
 DETECTORS = {
     "faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet", "mask_rcnn": "Mask R-CNN",
@@ -201,7 +201,8 @@ def _schedule(trials: pd.DataFrame) -> pd.Series:
     def param(key):
         return trials.get(S.PARAM_PREFIX + key, pd.Series(None, index=trials.index, dtype=object))
 
-    unit, epochs, iters = param("schedule.unit"), param("schedule.epochs"), param("schedule.max_iters")
+    unit, epochs, iters = (param(S.PARAM_SCHEDULE_UNIT), param(S.PARAM_EPOCHS),
+                           param(S.PARAM_MAX_ITERS))
     shown = []
     for u, e, i in zip(unit, epochs, iters):
         if u == "iter" and isinstance(i, str) and i not in ("None", ""):
@@ -214,11 +215,11 @@ def _schedule(trials: pd.DataFrame) -> pd.Series:
 
 
 # The paper's setting of what a table does not show (PAPER.md §4), as normalize() spells it.
-PAPER_SETTING = {"backbone": ("model.backbone", ["resnet50", "resnet101"]),
-                 "optimizer": ("optimizer.type", ["sgd", "adamw"]),
+PAPER_SETTING = {"backbone": (S.PARAM_BACKBONE, ["resnet50", "resnet101"]),
+                 "optimizer": (S.PARAM_OPTIMIZER, ["sgd", "adamw"]),
                  "schedule": ("schedule", ["12 epochs"]),
-                 "lambda0": ("weighting.lambda0 (ALWA)", TABLE6_LAMBDA0),
-                 "interval": ("weighting.interval (ALWA)", TABLE6_INTERVALS)}
+                 "lambda0": (f"{S.PARAM_LAMBDA0} (ALWA)", TABLE6_LAMBDA0),
+                 "interval": (f"{S.PARAM_INTERVAL} (ALWA)", TABLE6_INTERVALS)}
 
 
 def off_paper(runs: pd.DataFrame) -> list:
@@ -304,18 +305,18 @@ def _pin(runs: pd.DataFrame, column: str, preferred, notes: list, param: str,
 def _pin_paper_setting(runs: pd.DataFrame, notes: list, *, dataset=True, optimizer=True,
                        backbone=True, reg_loss=True, alwa_defaults=True) -> pd.DataFrame:
     if dataset:
-        runs = _pin(runs, "dataset", "voc", notes, "dataset.kind")
+        runs = _pin(runs, "dataset", "voc", notes, S.PARAM_DATASET_KIND)
     if optimizer:
-        runs = _pin(runs, "optimizer", "sgd", notes, "optimizer.type")
+        runs = _pin(runs, "optimizer", "sgd", notes, S.PARAM_OPTIMIZER)
     if backbone:
-        runs = _pin(runs, "backbone", "resnet50", notes, "model.backbone")
+        runs = _pin(runs, "backbone", "resnet50", notes, S.PARAM_BACKBONE)
     if reg_loss:
         runs = _pin(runs, "reg_loss", "l1", notes, "regression loss type")
     if alwa_defaults:
         is_alwa = runs["method"] == "alwa"
-        runs = _pin(runs, "lambda0", DEFAULT_LAMBDA0, notes, "weighting.lambda0 (ALWA)", is_alwa)
+        runs = _pin(runs, "lambda0", DEFAULT_LAMBDA0, notes, f"{S.PARAM_LAMBDA0} (ALWA)", is_alwa)
         is_alwa = runs["method"] == "alwa"
-        runs = _pin(runs, "interval", DEFAULT_INTERVAL, notes, "weighting.interval (ALWA)", is_alwa)
+        runs = _pin(runs, "interval", DEFAULT_INTERVAL, notes, f"{S.PARAM_INTERVAL} (ALWA)", is_alwa)
     return runs
 
 
@@ -330,7 +331,7 @@ def _collect(runs: pd.DataFrame, cell_keys: pd.Series, left_out: list,
     stats = {}
     for key, rows in buckets.items():
         group = runs.loc[rows]
-        finished = group["state"].eq("ok") & np.isfinite(group["value"])
+        finished = group["state"].eq(S.STATUS_OK) & np.isfinite(group["value"])
         values = group.loc[finished, "value"]
         conflicts = mixed_configs(list(group.loc[finished, "config"]))
         if conflicts:
@@ -354,10 +355,10 @@ def _collect(runs: pd.DataFrame, cell_keys: pd.Series, left_out: list,
                 continue  # the cell prints the divergence itself
             if run["state"] in DIVERGED:
                 why = f"{run['state']}, left out of the mean of the finished seeds"
-            elif run["state"] == "ok":
+            elif run["state"] == S.STATUS_OK:
                 why = f"finished without a val/{metric_name[row]} metric"
             else:
-                why = "still running" if run["state"] == "running" else run["state"]
+                why = "still running" if run["state"] == S.STATUS_RUNNING else run["state"]
                 why += f": {run['reason']}" if run["reason"] else ""
             left_out.append(f"{run['name']} ({run['run_id'][:8]}) at {_key_text(key)}: {why}")
     return stats
@@ -455,7 +456,7 @@ def table1(trials: pd.DataFrame, metric: str | None = None) -> Table:
     notes, left_out = [], []
     runs = _select(trials, lambda r: (r["detector"] == "faster_rcnn") & (
         (r["method"] == "none") | ((r["method"] == "fixed") & (r["head"] == "rpn"))))
-    runs = _pin(runs, "backbone", "resnet50", notes, "model.backbone")
+    runs = _pin(runs, "backbone", "resnet50", notes, S.PARAM_BACKBONE)
     settings = runs["dataset"] + "_" + runs["optimizer"] + "_" + runs["reg_loss"]
     metric_of = settings.map(lambda setting: _table1_metric(setting, metric))
     runs = runs.assign(value=_percent(trials.loc[runs.index], metric_of))
@@ -674,9 +675,10 @@ def compact(table: Table) -> Table:
     """The table without the rows and value columns that hold no measured cell (only
     ``–``): the paper's full layout is for paper-scale sweeps; a small sweep (the demo)
     reads better without its empty cells."""
-    filled = table.cells != MISSING
-    columns = [c for c in table.cells.columns if filled[c].any()]
-    rows = [i for i in table.cells.index if filled.loc[i, columns].any()]
+    measured = (table.cells != MISSING) & (table.cells != "") & table.keys.notna()
+    text_only = [c for c in table.cells.columns if table.keys[c].isna().all()]  # Table 6's C labels
+    rows = [i for i in table.cells.index if measured.loc[i].any()]
+    columns = [c for c in table.cells.columns if measured.loc[rows, c].any() or c in text_only]
     if not columns or not rows:
         return table
     renumber = {old: new for new, old in enumerate(rows)}
@@ -685,8 +687,11 @@ def compact(table: Table) -> Table:
         frame = frame.loc[rows, columns] if value_columns else frame.loc[rows]
         return frame.reset_index(drop=True)
 
+    labels = keep(table.labels, value_columns=False)
+    if table.number == 6 and not any(str(c).startswith("lambda0:") for c in columns):
+        labels["λ0"] = ""  # the λ0 block is gone: its labels would sit beside the C block's rows
     return dataclasses.replace(
-        table, labels=keep(table.labels, value_columns=False), cells=keep(table.cells),
+        table, labels=labels, cells=keep(table.cells),
         values=keep(table.values), bold=keep(table.bold), keys=keep(table.keys),
         headers={c: table.headers[c] for c in columns},
         decimals={c: table.decimals[c] for c in columns if c in table.decimals},
