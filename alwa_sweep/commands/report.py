@@ -44,6 +44,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    # Callers that build the Namespace themselves (``alwa-sweep demo``) may predate these.
+    for option, default in (("width", "text"), ("ci", False), ("resamples", 1000)):
+        if not hasattr(args, option):
+            setattr(args, option, default)
     # Heavy imports here: the CLI imports every command module to build --help.
     from alwa_sweep.sweep_paths import check_writable
     from alwa_sweep.tracking import check_tracking_server, default_tracking_uri
