@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_voc_map import random_voc_like  # noqa: E402
 
-from reports.bootstrap import paired_delta, prepare, resample_weights, weighted_maps  # noqa: E402
+from reports.bootstrap import paired_delta, prepare, weighted_maps  # noqa: E402
 from trainers.evaluation.voc import voc_map  # noqa: E402
 
 LIMIT_S = 60.0
