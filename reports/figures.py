@@ -24,11 +24,13 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from reports import schema as S
 from reports.tables import Table, format_number
 
 FORMATS = ("png", "pdf")
 _MAX_LEGEND = 12
 WINDOW_KEYS = ("cls_mean", "reg_mean", "cls_std", "reg_std")
+_UPDATE_KEY = S.metric_window("cls_mean")  # logged once per ALWA update
 
 
 def save(figure: Figure, out_dir: Path, stem: str) -> list[Path]:
@@ -52,26 +54,30 @@ def history(client, run_id: str, key: str) -> pd.Series:
 
 def weighted_head(trial: pd.Series) -> str:
     """The head the weighting acts on: ``weighting.head``, else the detector's default."""
-    head = trial.get("params.weighting.head")
-    if isinstance(head, str) and head:
+    head = trial.get(S.PARAM_PREFIX + S.PARAM_HEAD)
+    if isinstance(head, str) and head and head != "auto":
         return head
-    return "retina" if trial.get("params.model.detector") == "retinanet" else "rpn"
+    return "retina" if trial.get(S.PARAM_PREFIX + S.PARAM_DETECTOR) == "retinanet" else "rpn"
 
 
 def trial_histories(client, trial: pd.Series) -> dict:
     """Every per-iteration series the trial figures draw, keyed by metric name."""
     head = weighted_head(trial)
-    keys = [f"train/{head}_{part}{suffix}" for suffix in ("", "_weighted") for part in ("cls", "reg")]
-    keys += [f"window/{name}" for name in WINDOW_KEYS] + ["weight/alpha"]
+    keys = [S.metric_train(f"{head}_{part}") for part in ("cls", "reg")]
+    keys += [S.metric_weighted(head, part) for part in ("cls", "reg")]
+    keys += [S.metric_window(name) for name in WINDOW_KEYS] + [S.METRIC_ALPHA]
     return {key: history(client, trial["run_id"], key) for key in keys}
 
 
 def losses_figure(histories: dict, head: str) -> Figure | None:
-    """Fig. 1a: the raw losses of the weighted head, and beside them the weighted ones."""
+    """Fig. 1a: the raw losses of the weighted head, and beside them the weighted ones.
+
+    On a log axis: the cls loss starts an order of magnitude above reg and falls faster,
+    which a linear axis flattens into one line at the bottom."""
     panels = []
-    for kind, suffix in (("raw", ""), ("weighted", "_weighted")):
-        series = {part: histories.get(f"train/{head}_{part}{suffix}", pd.Series(dtype=float))
-                  for part in ("cls", "reg")}
+    for kind, key_of in (("raw", lambda part: S.metric_train(f"{head}_{part}")),
+                         ("weighted", lambda part: S.metric_weighted(head, part))):
+        series = {part: histories.get(key_of(part), pd.Series(dtype=float)) for part in ("cls", "reg")}
         if any(len(s) for s in series.values()):
             panels.append((kind, series))
     if not panels:
@@ -79,23 +85,28 @@ def losses_figure(histories: dict, head: str) -> Figure | None:
     figure = Figure(figsize=(5 * len(panels), 3.5), layout="constrained")
     for i, (kind, series) in enumerate(panels):
         axes = figure.add_subplot(1, len(panels), i + 1)
+        positive = True
         for part, values in series.items():
             if len(values):
                 axes.plot(values.index, values.values, label=f"{head} {part}", linewidth=0.8)
-        axes.set(title=f"{kind} {head.upper()} losses", xlabel="iteration", ylabel="loss")
+                positive &= bool((values.values > 0).all())
+        if positive:
+            axes.set_yscale("log")
+        axes.set(title=f"{kind} {head.upper()} losses", xlabel="iteration",
+                 ylabel="loss (log scale)" if positive else "loss")
         axes.legend()
     return figure
 
 
 def window_figure(histories: dict) -> Figure | None:
     """Fig. 3: window mean (left) and std (right) of the weighted cls and reg losses."""
-    if not any(len(histories.get(f"window/{name}", ())) for name in WINDOW_KEYS):
+    if not any(len(histories.get(S.metric_window(name), ())) for name in WINDOW_KEYS):
         return None
     figure = Figure(figsize=(10, 3.5), layout="constrained")
     for i, statistic in enumerate(("mean", "std")):
         axes = figure.add_subplot(1, 2, i + 1)
         for part in ("cls", "reg"):
-            values = histories.get(f"window/{part}_{statistic}", pd.Series(dtype=float))
+            values = histories.get(S.metric_window(f"{part}_{statistic}"), pd.Series(dtype=float))
             if len(values):
                 axes.plot(values.index, values.values, marker=".", label=f"{part}_{statistic}")
         axes.set(title=f"window {statistic} of the weighted losses", xlabel="iteration")
@@ -104,13 +115,24 @@ def window_figure(histories: dict) -> Figure | None:
 
 
 def alpha_figure(histories: dict) -> Figure | None:
-    alpha = histories.get("weight/alpha", pd.Series(dtype=float))
+    """ALWA's α per iteration, its update points marked (the iterations with a window
+    statistic logged, else those where α changes)."""
+    alpha = histories.get(S.METRIC_ALPHA, pd.Series(dtype=float))
     if not len(alpha):
         return None
     figure = Figure(figsize=(5, 3.5), layout="constrained")
     axes = figure.add_subplot(1, 1, 1)
-    axes.plot(alpha.index, alpha.values, linewidth=0.8)
+    axes.plot(alpha.index, alpha.values, linewidth=0.8, drawstyle="steps-post", label="α")
+    updates = histories.get(_UPDATE_KEY, pd.Series(dtype=float)).index
+    if not len(updates):
+        changed = alpha.values[1:] != alpha.values[:-1]
+        updates = alpha.index[1:][changed]
+    updates = [step for step in updates if step in alpha.index]
+    if updates:
+        axes.plot(updates, alpha.loc[updates].values, linestyle="none", marker="o", markersize=4,
+                  color="tab:red", label=f"update ({len(updates)})")
     axes.set(title="ALWA α", xlabel="iteration", ylabel="α")
+    axes.legend(fontsize=8)
     return figure
 
 
@@ -161,11 +183,22 @@ def heatmap_figure(table: Table) -> Figure | None:
         for (y, x), value in np.ndenumerate(grid.values):
             if not math.isnan(value):
                 axes.text(x, y, format_number(value, table.decimals[setting], signed=True),
-                          ha="center", va="center", fontsize=7)
+                          ha="center", va="center", fontsize=7,
+                          color=_text_colour(image.cmap(image.norm(value))))
         axes.set(title=" ".join(table.headers[setting]).strip(), xlabel="RPN reg weight",
                  ylabel="RPN cls weight")
         figure.colorbar(image, ax=axes, shrink=0.8, label="Δ vs (1, 1)")
     return figure
+
+
+def _text_colour(rgba) -> str:
+    """Black on a light cell, white on a dark one (WCAG relative luminance)."""
+    def linear(c):
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    red, green, blue = (linear(c) for c in rgba[:3])
+    luminance = 0.2126 * red + 0.7152 * green + 0.0722 * blue
+    return "black" if luminance > 0.179 else "white"
 
 
 def table1_heatmap(table: Table, out_dir: Path, stem: str = "table1_heatmap") -> list[Path]:
@@ -183,7 +216,12 @@ def metric_figure(curves: list) -> Figure | None:
     for label, values in curves:
         axes.plot(values.index, values.values, marker=".", linewidth=0.8, label=label)
     axes.set(title="validation metric per epoch", xlabel="epoch", ylabel="%")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    epochs = sorted({int(e) for _, values in curves for e in values.index})
+    if len(epochs) <= 20:  # the epochs evaluated, as ticks (one evaluation: one tick, not 0.945…1.05)
+        axes.set_xticks(epochs)
+        axes.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+    else:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(curves) <= _MAX_LEGEND:
         axes.legend(fontsize=7)
     return figure
@@ -194,8 +232,8 @@ def metric_per_epoch(client, trials: pd.DataFrame, out_dir: Path, metric: str | 
     """The validation metric per epoch of every trial (``val/map``, or ``val/ap`` on COCO)."""
     curves = []
     for _, trial in trials.iterrows():
-        name = metric or ("ap" if trial.get("params.dataset.kind") == "coco" else "map")
+        name = metric or ("ap" if trial.get(S.PARAM_PREFIX + S.PARAM_DATASET_KIND) == "coco" else "map")
         label = f"{trial.get('name') or trial['run_id'][:8]} ({name})"
-        curves.append((label, history(client, trial["run_id"], f"val/{name}") * 100.0))
+        curves.append((label, history(client, trial["run_id"], S.metric_val(name)) * 100.0))
     figure = metric_figure(curves)
     return [] if figure is None else save(figure, out_dir, stem)

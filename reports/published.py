@@ -91,8 +91,10 @@ def with_paper(table: Table) -> Table:
         cells[column], values[column] = table.cells[column], table.values[column]
         bold[column], keys[column] = table.bold[column], table.keys[column]
         headers[column], decimals[column] = (group, label), table.decimals.get(column)
-        published_here = table.keys[column].map(lambda key: paper.get(key))
-        if published_here.isna().all():
+        # (not Series.map: it turns the None of a row the paper lacks into NaN, printed "+nan")
+        published_here = pd.Series([None if key is None else paper.get(key)
+                                    for key in table.keys[column]], index=table.cells.index, dtype=object)
+        if all(number is None for number in published_here):
             continue  # a column the paper has no numbers for (the C labels, extra losses)
         places = table.decimals[column]
         paper_text, difference_text, difference = [], [], []
@@ -120,12 +122,21 @@ def with_paper(table: Table) -> Table:
             bold[extra] = pd.Series(False, index=table.cells.index)
             keys[extra] = pd.Series(None, index=table.cells.index, dtype=object)
             headers[extra], decimals[extra] = (group, title), places
+    notes = list(table.notes)
+    if table.off_paper:
+        notes.append("Not comparable to the paper's numbers: these runs use "
+                     + "; ".join(table.off_paper) + ", which no experiment of the paper did "
+                     "(ResNet-50/101, 12 epochs, λ0 and C of Table 6). The Δ paper columns "
+                     "show how far a demo is from the paper, not a reproduction error.")
+    notes.append("Paper columns: – where the paper has no such cell; nan / overflow where its "
+                 "run diverged.")
     return Table(
         number=table.number, title=table.title + "; beside each column the paper's number "
-        "and measured - paper", labels=table.labels, cells=pd.DataFrame(cells),
+        "and measured − paper", labels=table.labels, cells=pd.DataFrame(cells),
         values=pd.DataFrame(values), bold=pd.DataFrame(bold), keys=pd.DataFrame(keys),
-        headers=headers, decimals=decimals, signed_rows=table.signed_rows, notes=table.notes,
-        left_out=table.left_out, n_runs=table.n_runs)
+        headers=headers, decimals=decimals, signed_rows=table.signed_rows, notes=notes,
+        left_out=table.left_out, n_runs=table.n_runs, bold_labels=table.bold_labels,
+        off_paper=table.off_paper)
 
 
 def _as_float(number) -> float:

@@ -1,11 +1,14 @@
-"""Render a ``reports.tables.Table``: GitHub Markdown, and LaTeX (booktabs) via pandas' Styler.
+"""Render a ``reports.tables.Table``: GitHub Markdown, and LaTeX (booktabs).
 
-The LaTeX is a ``table`` float holding one ``tabular``; it needs only ``booktabs``:
-``\\documentclass{article}\\usepackage{booktabs}\\begin{document}\\input{table1.tex}
-\\end{document}`` compiles it.
+The LaTeX is a ``table`` (or ``table*``) float holding one ``tabular``, scaled down to
+the line when wider; it needs ``booktabs`` and ``graphicx``:
+``\\documentclass{article}\\usepackage{booktabs,graphicx}\\begin{document}
+\\input{table1.tex}\\end{document}`` compiles it without an overfull box.
 """
 
 from __future__ import annotations
+
+import re
 
 import pandas as pd
 
@@ -56,8 +59,9 @@ def to_markdown(table: Table) -> str:
                  + " |")
     for row in range(len(text)):
         cells = []
-        for value, strong in zip(text.iloc[row], bold.iloc[row]):
+        for position, (value, strong) in enumerate(zip(text.iloc[row], bold.iloc[row])):
             value = _md_escape(str(value))
+            strong = strong or (position < n_labels and row in table.bold_labels)
             cells.append(f"**{value}**" if strong and value else value)
         lines.append("| " + " | ".join(cells) + " |")
     lines += _md_list("Notes:", table.notes)
@@ -75,40 +79,73 @@ def _md_list(title: str, items: list) -> list:
     return ["", title, ""] + [f"- {_md_escape(item)}" for item in items]
 
 
+_NEGATIVE = re.compile(r"(?<![\w.])-(?=\d)")
+
+WIDTHS = ("text", "full")
+
+
 def latex_escape(text: str) -> str:
-    """Escape LaTeX's special characters, then spell the tables' symbols in math mode."""
+    """Escape LaTeX's special characters, then spell the tables' symbols in math mode;
+    a negative number gets a real minus sign (``$-$0.49``), not a hyphen."""
     escaped = "".join(_LATEX_SPECIALS.get(ch, ch) for ch in str(text))
     for symbol, latex in _LATEX_SYMBOLS.items():
         escaped = escaped.replace(symbol, latex)
-    return escaped
+    return _NEGATIVE.sub("$-$", escaped)
 
 
-def to_latex(table: Table) -> str:
+def _header_rows(table: Table) -> list[str]:
+    """The group row (``\\multicolumn`` + ``\\cmidrule`` under each group) and the name row."""
+    headers = [("", label) for label in table.labels.columns]
+    headers += [table.headers[c] for c in table.cells.columns]
+    names = " & ".join(latex_escape(label) for _, label in headers) + " \\\\"
+    if not any(group for group, _ in headers):
+        return [names]
+    spans = []  # (group, first column, last column), 1-based
+    for index, (group, _) in enumerate(headers, start=1):
+        if spans and spans[-1][0] == group and group:
+            spans[-1] = (group, spans[-1][1], index)
+        else:
+            spans.append((group, index, index))
+    cells = [f"\\multicolumn{{{last - first + 1}}}{{c}}{{{latex_escape(group)}}}" if group else ""
+             for group, first, last in spans]
+    rules = " ".join(f"\\cmidrule(lr){{{first}-{last}}}" for group, first, last in spans if group)
+    return [" & ".join(cells) + " \\\\", rules, names]
+
+
+def to_latex(table: Table, width: str = "text") -> str:
+    """A booktabs ``table`` (``width="text"``) or ``table*`` (``"full"``: both columns of a
+    two-column page, in ``\\small``) that fits the line: the tabular is scaled down to
+    ``\\linewidth`` when wider (never up), so no table overflows an ``article`` page.
+    Needs ``\\usepackage{booktabs}`` and ``\\usepackage{graphicx}``."""
+    if width not in WIDTHS:
+        raise ValueError(f"width must be one of {WIDTHS}, got {width!r}")
     text, bold = frames(table)
-    escaped = text.map(latex_escape)
-    if isinstance(text.columns, pd.MultiIndex):
-        columns = pd.MultiIndex.from_tuples([tuple(latex_escape(p) for p in c) for c in text.columns])
-    else:
-        columns = pd.Index([latex_escape(c) for c in text.columns])
-    escaped.columns = columns
-    marks = bold.map(lambda strong: "textbf: --rwrap;" if strong else "")
-    marks.columns = columns
     n_labels = len(table.labels.columns)
-    styler = escaped.style.hide(axis="index").apply(lambda _: marks, axis=None)
-    latex = styler.to_latex(
-        hrules=True,
-        column_format="l" * n_labels + "r" * (len(columns) - n_labels),
-        caption=latex_escape(table.title),
-        label=f"tab:table{table.number}",
-        position_float="centering",
-        multicol_align="c",
-        environment="table",
-    )
+    n_columns = n_labels + len(table.cells.columns)
+    environment = "table*" if width == "full" else "table"
+    lines = [f"% Table {table.number} of the ALWA paper, rebuilt by alwa-sweep report; needs "
+             "\\usepackage{booktabs} and \\usepackage{graphicx}",
+             f"\\begin{{{environment}}}[htbp]", "\\centering"]
+    if width == "full" or n_columns > 8:
+        lines.append("\\small")
+    lines += [f"\\caption{{{latex_escape(table.title)}}}", f"\\label{{tab:table{table.number}}}",
+              "\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%",
+              f"\\begin{{tabular}}{{{'l' * n_labels + 'r' * (n_columns - n_labels)}}}", "\\toprule"]
+    lines += _header_rows(table)
+    lines.append("\\midrule")
+    for row in range(len(text)):
+        cells = []
+        for position, (value, strong) in enumerate(zip(text.iloc[row], bold.iloc[row])):
+            value = latex_escape(value)
+            strong = strong or (position < n_labels and row in table.bold_labels)
+            cells.append(f"\\textbf{{{value}}}" if strong and value else value)
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}}"]
     under = _latex_list("Notes:", table.notes) + _latex_list("Runs not in the table:", table.left_out)
     if under:
-        latex = latex.replace("\\end{table}", "".join(under) + "\\end{table}")
-    return "% Table {} of the ALWA paper, rebuilt by alwa-sweep report; needs \\usepackage{{booktabs}}\n{}".format(
-        table.number, latex)
+        lines.append("".join(under).rstrip("\n"))
+    lines.append(f"\\end{{{environment}}}")
+    return "\n".join(lines) + "\n"
 
 
 def _latex_list(title: str, items: list) -> list:

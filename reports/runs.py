@@ -7,11 +7,13 @@ experiment (paged) brings every run with its params, latest metrics and tags as
 tracking URI instead of MLflow's process-wide one.
 
 Derived columns added for the tables: ``name`` (run name), ``state`` (``ok``, ``nan``,
-``overflow``, ``error`` or ``running``) and ``reason`` (why a run is not ``ok``).
+``overflow``, ``stopped``, ``error`` or ``running``) and ``reason`` (why a run is not ``ok``).
+Reading shows a progress bar on stderr (``progress=False`` turns it off).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import mlflow
@@ -19,11 +21,12 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from reports import schema as S
 from trainers.errors import ConfigError
 
-TRIAL_KINDS = ("trial", "train")
-FINAL_STATES = ("ok", "nan", "overflow", "error")
-_PAGE = 10_000
+TRIAL_KINDS = S.TRIAL_KINDS
+FINAL_STATES = S.FINAL_STATUSES
+_PAGE = 1_000
 
 
 def open_client(tracking_uri: str | None = None) -> MlflowClient:
@@ -43,7 +46,7 @@ def open_client(tracking_uri: str | None = None) -> MlflowClient:
 
 
 def load_trials(client: MlflowClient, *, experiment: str | None = None,
-                sweep_run_id: str | None = None) -> pd.DataFrame:
+                sweep_run_id: str | None = None, progress: bool = False) -> pd.DataFrame:
     """The trial runs (tag ``alwa.kind`` in trial/train) of an experiment or of one sweep.
 
     Exactly one of ``experiment`` (a name) and ``sweep_run_id`` (the sweep's parent run)
@@ -54,7 +57,7 @@ def load_trials(client: MlflowClient, *, experiment: str | None = None,
     if sweep_run_id is not None:
         sweep = sweep_run(client, sweep_run_id)
         experiment_id = sweep.info.experiment_id
-        query = f"tags.`mlflow.parentRunId` = '{sweep_run_id}'"
+        query = f"tags.`{S.TAG_PARENT}` = '{sweep_run_id}'"
     else:
         found = client.get_experiment_by_name(experiment)
         if found is None:
@@ -63,10 +66,10 @@ def load_trials(client: MlflowClient, *, experiment: str | None = None,
                               f"Experiments in this store: {', '.join(names) or 'none'}.")
         experiment_id = found.experiment_id
         query = ""
-    runs = _search(client, experiment_id, query)
+    runs = _search(client, experiment_id, query, progress)
     if runs.empty:
         return runs
-    kind = runs.get("tags.alwa.kind", pd.Series(None, index=runs.index))
+    kind = runs.get(S.TAG_PREFIX + S.TAG_KIND, pd.Series(None, index=runs.index))
     trials = runs[kind.isin(TRIAL_KINDS)].reset_index(drop=True)
     return _with_state(trials)
 
@@ -77,24 +80,30 @@ def sweep_run(client: MlflowClient, run_id: str):
         run = client.get_run(run_id)
     except MlflowException:
         raise ConfigError("--sweep", f"no MLflow run with id {run_id!r}.",
-                          "Pass the run id of the sweep's parent run (tag alwa.kind=sweep).") from None
-    kind = run.data.tags.get("alwa.kind")
-    if kind != "sweep":
-        raise ConfigError("--sweep", f"run {run_id} is a {kind or 'run without alwa.kind'}, "
+                          f"Pass the run id of the sweep's parent run (tag {S.TAG_KIND}={S.KIND_SWEEP})."
+                          ) from None
+    kind = run.data.tags.get(S.TAG_KIND)
+    if kind != S.KIND_SWEEP:
+        raise ConfigError("--sweep", f"run {run_id} is a {kind or 'run without ' + S.TAG_KIND}, "
                           "not a sweep.", "Pass the sweep's parent run id, or use --experiment.")
     return run
 
 
-def _search(client: MlflowClient, experiment_id: str, query: str) -> pd.DataFrame:
+def _search(client: MlflowClient, experiment_id: str, query: str, progress: bool = False) -> pd.DataFrame:
+    from tqdm import tqdm
+
     records = []
     token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=query, max_results=_PAGE,
-                                  page_token=token)
-        records.extend(_record(run) for run in page)
-        token = page.token
-        if not token:
-            break
+    with tqdm(desc="reading runs", unit=" runs", file=sys.stderr, disable=not progress,
+              leave=False) as bar:
+        while True:
+            page = client.search_runs([experiment_id], filter_string=query, max_results=_PAGE,
+                                      page_token=token)
+            records.extend(_record(run) for run in page)
+            bar.update(len(page))
+            token = page.token
+            if not token:
+                break
     return pd.DataFrame.from_records(records)
 
 
@@ -106,9 +115,9 @@ def _record(run) -> dict:
         "status": run.info.status,
         "start_time": run.info.start_time,
     }
-    record.update({f"params.{k}": v for k, v in run.data.params.items()})
-    record.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
-    record.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+    record.update({S.PARAM_PREFIX + k: v for k, v in run.data.params.items()})
+    record.update({S.METRIC_PREFIX + k: v for k, v in run.data.metrics.items()})
+    record.update({S.TAG_PREFIX + k: v for k, v in run.data.tags.items()})
     return record
 
 
@@ -118,8 +127,8 @@ def _with_state(trials: pd.DataFrame) -> pd.DataFrame:
     A run whose process died never sets its final tag: MLflow then says FAILED/KILLED
     (or FINISHED) while the tag still says ``running``, and that counts as an error.
     """
-    tag = trials.get("tags.alwa.status", pd.Series(None, index=trials.index))
-    reason = trials.get("tags.alwa.status_reason", pd.Series(None, index=trials.index))
+    tag = trials.get(S.TAG_PREFIX + S.TAG_STATUS, pd.Series(None, index=trials.index))
+    reason = trials.get(S.TAG_PREFIX + S.TAG_REASON, pd.Series(None, index=trials.index))
     states, reasons = [], []
     for status, mlflow_status, why in zip(tag, trials["status"], reason):
         why = why if isinstance(why, str) else ""
@@ -127,14 +136,14 @@ def _with_state(trials: pd.DataFrame) -> pd.DataFrame:
             states.append(status)
             reasons.append(why)
         elif mlflow_status == "RUNNING":
-            states.append("running")
+            states.append(S.STATUS_RUNNING)
             reasons.append("")
         elif status is None and mlflow_status == "FINISHED":
-            states.append("ok")
+            states.append(S.STATUS_OK)
             reasons.append("")
         else:
-            states.append("error")
-            reasons.append(why or f"the run ended ({mlflow_status}) without a final alwa.status")
+            states.append(S.STATUS_ERROR)
+            reasons.append(why or f"the run ended ({mlflow_status}) without a final {S.TAG_STATUS}")
     trials = trials.copy()
     trials["state"] = states
     trials["reason"] = reasons
@@ -143,4 +152,4 @@ def _with_state(trials: pd.DataFrame) -> pd.DataFrame:
 
 def metric_column(metric: str) -> str:
     """The DataFrame column of a validation metric: ``map`` -> ``metrics.val/map``."""
-    return f"metrics.val/{metric}"
+    return S.METRIC_PREFIX + S.metric_val(metric)

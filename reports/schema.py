@@ -116,3 +116,36 @@ def main_metric(metrics: dict) -> float | None:
 # ---- artifacts --------------------------------------------------------------------------
 ARTIFACT_CONFIG = "config.yaml"  # a trial's resolved config
 ARTIFACT_SPEC = "spec.yaml"  # a sweep's spec as run
+ARTIFACT_DETECTIONS = "detections.npz"  # a trial's final test-set detections (detections_io)
+
+# ---- grouping trials into cells (reports.tables) ------------------------------------------
+PARAM_PREFIX = "params."  # the DataFrame column prefixes of reports.runs.load_trials
+METRIC_PREFIX = "metrics."
+TAG_PREFIX = "tags."
+PARAM_WEIGHTING_PREFIX = "weighting."
+PARAM_SCHEDULE_UNIT = "schedule.unit"
+PARAM_EPOCHS = "schedule.epochs"
+PARAM_MAX_ITERS = "schedule.max_iters"
+PARAM_LAMBDA0 = "weighting.lambda0"
+PARAM_INTERVAL = "weighting.interval"
+PARAM_VARIANT = "weighting.variant"
+PARAM_CLS_WEIGHT = "weighting.cls"
+PARAM_REG_WEIGHT = "weighting.reg"
+# Params that do not change what a trial computes: seeds of one config are averaged over
+# trials that differ only in PARAM_SEED and these.
+PARAMS_NOT_CONFIG = ("train.device", "dataset.num_workers", "train.log_every",
+                     "train.checkpoint_every_iters", "train.eval_batch_size")
+
+# Values a run recorded before every resolved value was logged as a param takes for a
+# missing param (the engine's defaults then). Newer runs log all of them; the single
+# source of the defaults is trainers.config (its typed defaults replace this table).
+OLD_RUN_DEFAULTS = {
+    PARAM_METHOD: "none", PARAM_CLS_WEIGHT: 1.0, PARAM_REG_WEIGHT: 1.0, PARAM_VARIANT: 1,
+    PARAM_LAMBDA0: 1.0, PARAM_INTERVAL: 100.0, PARAM_OPTIMIZER: "sgd", "regression_loss": "l1",
+}
+
+# ---- the MLflow UI (alwa-sweep ui) ------------------------------------------------------
+# MLflow 3's UI opens an experiment on its GenAI pages unless the experiment says it holds
+# training runs: set these tags when creating an experiment (reports.ui_links).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"

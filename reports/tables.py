@@ -55,10 +55,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from reports import schema as S
 from reports.runs import metric_column
+from trainers.errors import ConfigError
 
 MISSING = "–"
-DIVERGED = ("nan", "overflow")
+DIVERGED = (S.STATUS_NAN, S.STATUS_OVERFLOW)
 
 DETECTORS = {
     "faster_rcnn": "Faster R-CNN", "retinanet": "RetinaNet", "mask_rcnn": "Mask R-CNN",
@@ -93,8 +95,10 @@ TABLE5_ROWS = [("faster_rcnn", "l1", "resnet50"), ("faster_rcnn", "ciou", "resne
                ("mask_rcnn", "ciou", "resnet50"), ("mask_rcnn", "smooth_l1", "resnet101")]
 TABLE6_LAMBDA0 = [0.5, 0.75, 1.0, 1.25, 1.5]
 TABLE6_INTERVALS = [20.0, 100.0, 200.0, 500.0]
-DEFAULT_LAMBDA0 = 1.0
-DEFAULT_INTERVAL = 100.0
+# A missing param means "not recorded" (a run from before every resolved value was
+# logged); it then takes the engine's default of that time, from one place.
+DEFAULT_LAMBDA0 = float(S.OLD_RUN_DEFAULTS[S.PARAM_LAMBDA0])
+DEFAULT_INTERVAL = float(S.OLD_RUN_DEFAULTS[S.PARAM_INTERVAL])
 
 TITLES = {
     1: "Faster R-CNN R50: RPN (cls, reg) loss weights; the (1.00,1.00) row absolute, the "
@@ -132,6 +136,8 @@ class Table:
     headers: dict            # value column -> (group, name); group "" for none
     decimals: dict           # value column -> decimals printed
     signed_rows: set = field(default_factory=set)
+    bold_labels: set = field(default_factory=set)  # rows whose labels print in bold too
+    off_paper: list = field(default_factory=list)  # settings of the runs the paper did not use
     notes: list = field(default_factory=list)      # how the runs were selected
     left_out: list = field(default_factory=list)   # runs that are not in a cell's number
     n_runs: int = 0          # runs that matched the table at all
@@ -150,41 +156,113 @@ NO_RUNS = CellStats()
 
 def normalize(trials: pd.DataFrame) -> pd.DataFrame:
     """The params the tables group by, typed and with the engine's defaults filled in."""
+    defaults = S.OLD_RUN_DEFAULTS
 
     def text(key, default):
-        column = trials.get(f"params.{key}")
+        column = trials.get(S.PARAM_PREFIX + key)
         if column is None:
             return pd.Series(default, index=trials.index, dtype=object)
         return column.where(column.notna(), default).astype(str)
 
     def number(key, default):
-        column = trials.get(f"params.{key}")
+        column = trials.get(S.PARAM_PREFIX + key)
         if column is None:
             return pd.Series(default, index=trials.index, dtype=float)
         return pd.to_numeric(column, errors="coerce").fillna(default).round(4)
 
-    detector = text("model.detector", "")
+    detector = text(S.PARAM_DETECTOR, "")
     one_stage = detector == "retinanet"
-    method = text("weighting.method", "none")
-    cls_weight = number("weighting.cls", 1.0).where(method != "none", 1.0)
-    reg_weight = number("weighting.reg", 1.0).where(method != "none", 1.0)
-    variant = number("weighting.variant", 1).astype(int).astype(str)
+    method = text(S.PARAM_METHOD, defaults[S.PARAM_METHOD])
+    cls_weight = number(S.PARAM_CLS_WEIGHT, defaults[S.PARAM_CLS_WEIGHT]).where(method != "none", 1.0)
+    reg_weight = number(S.PARAM_REG_WEIGHT, defaults[S.PARAM_REG_WEIGHT]).where(method != "none", 1.0)
+    variant = number(S.PARAM_VARIANT, defaults[S.PARAM_VARIANT]).astype(int).astype(str)
     approach = method.copy()
     approach[(method == "none") | ((method == "fixed") & (cls_weight == 1) & (reg_weight == 1))] = "baseline"
     approach[method == "alwa"] = "alwa_" + variant[method == "alwa"]
-    head = text("weighting.head", "")
-    head = head.where(head != "", np.where(one_stage, "retina", "rpn"))
-    reg_loss = text("model.losses.roi_reg.type", "l1").where(
-        ~one_stage, text("model.losses.retina_reg.type", "l1"))
+    head = text(S.PARAM_HEAD, "")
+    head = head.where(~head.isin(["", "auto"]), np.where(one_stage, "retina", "rpn"))
+    loss_default = defaults["regression_loss"]
+    reg_loss = text(S.param_loss_type("roi_reg"), loss_default).where(
+        ~one_stage, text(S.param_loss_type("retina_reg"), loss_default))
     return pd.DataFrame({
         "run_id": trials["run_id"], "name": trials["name"], "state": trials["state"],
         "reason": trials["reason"], "detector": detector,
-        "backbone": text("model.backbone", ""), "dataset": text("dataset.kind", ""),
-        "optimizer": text("optimizer.type", "sgd"), "method": method, "approach": approach,
-        "head": head, "cls_weight": cls_weight, "reg_weight": reg_weight,
-        "lambda0": number("weighting.lambda0", DEFAULT_LAMBDA0),
-        "interval": number("weighting.interval", DEFAULT_INTERVAL), "reg_loss": reg_loss,
+        "backbone": text(S.PARAM_BACKBONE, ""), "dataset": text(S.PARAM_DATASET_KIND, ""),
+        "optimizer": text(S.PARAM_OPTIMIZER, defaults[S.PARAM_OPTIMIZER]), "method": method,
+        "approach": approach, "head": head, "cls_weight": cls_weight, "reg_weight": reg_weight,
+        "lambda0": number(S.PARAM_LAMBDA0, DEFAULT_LAMBDA0),
+        "interval": number(S.PARAM_INTERVAL, DEFAULT_INTERVAL), "reg_loss": reg_loss,
+        "schedule": _schedule(trials), "config": config_keys(trials, approach),
     }, index=trials.index)
+
+
+def _schedule(trials: pd.DataFrame) -> pd.Series:
+    """``12 epochs`` / ``40 iterations``: the training length, "" when not recorded."""
+    def param(key):
+        return trials.get(S.PARAM_PREFIX + key, pd.Series(None, index=trials.index, dtype=object))
+
+    unit, epochs, iters = (param(S.PARAM_SCHEDULE_UNIT), param(S.PARAM_EPOCHS),
+                           param(S.PARAM_MAX_ITERS))
+    shown = []
+    for u, e, i in zip(unit, epochs, iters):
+        if u == "iter" and isinstance(i, str) and i not in ("None", ""):
+            shown.append(f"{i} iterations")
+        elif isinstance(e, str) and e not in ("None", ""):
+            shown.append(f"{e} epochs")
+        else:
+            shown.append("")
+    return pd.Series(shown, index=trials.index, dtype=object)
+
+
+# The paper's setting of what a table does not show (PAPER.md §4), as normalize() spells it.
+PAPER_SETTING = {"backbone": (S.PARAM_BACKBONE, ["resnet50", "resnet101"]),
+                 "optimizer": (S.PARAM_OPTIMIZER, ["sgd", "adamw"]),
+                 "schedule": ("schedule", ["12 epochs"]),
+                 "lambda0": (f"{S.PARAM_LAMBDA0} (ALWA)", TABLE6_LAMBDA0),
+                 "interval": (f"{S.PARAM_INTERVAL} (ALWA)", TABLE6_INTERVALS)}
+
+
+def off_paper(runs: pd.DataFrame) -> list:
+    """The settings of ``runs`` that none of the paper's experiments used (a demo's tiny
+    backbone, a 40-iteration schedule): their numbers are not comparable to the paper's."""
+    found = []
+    alwa = runs["method"] == "alwa"
+    for column, (param, paper) in PAPER_SETTING.items():
+        values = runs.loc[alwa, column] if column in ("lambda0", "interval") else runs[column]
+        other = sorted({f"{v:g}" if isinstance(v, float) else str(v)
+                        for v in values if v != "" and v not in paper})
+        if other:
+            found.append(f"{param} = {', '.join(other)}")
+    return found
+
+
+def config_keys(trials: pd.DataFrame, approach: pd.Series | None = None) -> pd.Series:
+    """Each run's config without its seed: ``{param: value}`` of every recorded param but
+    ``train.seed`` (and those in ``schema.PARAMS_NOT_CONFIG``). A baseline's ``weighting.*``
+    params are left out too: method none and fixed weights (1, 1) train the same model."""
+    columns = [c for c in trials.columns if c.startswith(S.PARAM_PREFIX)
+               and c[len(S.PARAM_PREFIX):] not in (S.PARAM_SEED, *S.PARAMS_NOT_CONFIG)]
+    keys = []
+    for row in trials.index:
+        baseline = approach is not None and approach[row] == "baseline"
+        config = {}
+        for column in columns:
+            value = trials.at[row, column]
+            param = column[len(S.PARAM_PREFIX):]
+            if isinstance(value, str) and not (baseline and param.startswith(S.PARAM_WEIGHTING_PREFIX)):
+                config[param] = value
+        keys.append(config)
+    return pd.Series(keys, index=trials.index, dtype=object)
+
+
+def mixed_configs(configs: list[dict]) -> dict:
+    """``{param: sorted values}`` of the params recorded with different values by runs that
+    would share a cell (a param missing from a run, an old run's, does not conflict)."""
+    values: dict = {}
+    for config in configs:
+        for param, value in config.items():
+            values.setdefault(param, set()).add(value)
+    return {param: sorted(found) for param, found in sorted(values.items()) if len(found) > 1}
 
 
 def build(number: int, trials: pd.DataFrame, metric: str | None = None) -> Table:
@@ -227,18 +305,18 @@ def _pin(runs: pd.DataFrame, column: str, preferred, notes: list, param: str,
 def _pin_paper_setting(runs: pd.DataFrame, notes: list, *, dataset=True, optimizer=True,
                        backbone=True, reg_loss=True, alwa_defaults=True) -> pd.DataFrame:
     if dataset:
-        runs = _pin(runs, "dataset", "voc", notes, "dataset.kind")
+        runs = _pin(runs, "dataset", "voc", notes, S.PARAM_DATASET_KIND)
     if optimizer:
-        runs = _pin(runs, "optimizer", "sgd", notes, "optimizer.type")
+        runs = _pin(runs, "optimizer", "sgd", notes, S.PARAM_OPTIMIZER)
     if backbone:
-        runs = _pin(runs, "backbone", "resnet50", notes, "model.backbone")
+        runs = _pin(runs, "backbone", "resnet50", notes, S.PARAM_BACKBONE)
     if reg_loss:
         runs = _pin(runs, "reg_loss", "l1", notes, "regression loss type")
     if alwa_defaults:
         is_alwa = runs["method"] == "alwa"
-        runs = _pin(runs, "lambda0", DEFAULT_LAMBDA0, notes, "weighting.lambda0 (ALWA)", is_alwa)
+        runs = _pin(runs, "lambda0", DEFAULT_LAMBDA0, notes, f"{S.PARAM_LAMBDA0} (ALWA)", is_alwa)
         is_alwa = runs["method"] == "alwa"
-        runs = _pin(runs, "interval", DEFAULT_INTERVAL, notes, "weighting.interval (ALWA)", is_alwa)
+        runs = _pin(runs, "interval", DEFAULT_INTERVAL, notes, f"{S.PARAM_INTERVAL} (ALWA)", is_alwa)
     return runs
 
 
@@ -253,8 +331,18 @@ def _collect(runs: pd.DataFrame, cell_keys: pd.Series, left_out: list,
     stats = {}
     for key, rows in buckets.items():
         group = runs.loc[rows]
-        finished = group["state"].eq("ok") & np.isfinite(group["value"])
+        finished = group["state"].eq(S.STATUS_OK) & np.isfinite(group["value"])
         values = group.loc[finished, "value"]
+        conflicts = mixed_configs(list(group.loc[finished, "config"]))
+        if conflicts:
+            differing = "; ".join(f"{p} = {', '.join(v)}" for p, v in conflicts.items())
+            names = ", ".join(f"{n} ({r[:8]})" for n, r in zip(group.loc[finished, "name"],
+                                                              group.loc[finished, "run_id"]))
+            raise ConfigError(
+                "--experiment/--sweep", f"the cell {_key_text(key)} would average runs with different "
+                f"configs, not seeds of one: {names} differ in {differing}.",
+                "Report one sweep with --sweep <parent run id>, or put the runs of different "
+                "configs in different experiments.")
         diverged = sorted(set(group["state"]) & set(DIVERGED))
         stats[key] = CellStats(
             mean=float(values.mean()) if len(values) else math.nan,
@@ -267,10 +355,10 @@ def _collect(runs: pd.DataFrame, cell_keys: pd.Series, left_out: list,
                 continue  # the cell prints the divergence itself
             if run["state"] in DIVERGED:
                 why = f"{run['state']}, left out of the mean of the finished seeds"
-            elif run["state"] == "ok":
+            elif run["state"] == S.STATUS_OK:
                 why = f"finished without a val/{metric_name[row]} metric"
             else:
-                why = "still running" if run["state"] == "running" else run["state"]
+                why = "still running" if run["state"] == S.STATUS_RUNNING else run["state"]
                 why += f": {run['reason']}" if run["reason"] else ""
             left_out.append(f"{run['name']} ({run['run_id'][:8]}) at {_key_text(key)}: {why}")
     return stats
@@ -330,7 +418,8 @@ class _Grid:
         self.keys.append({c: keys.get(c) for c in self.columns})
         return len(self.labels) - 1
 
-    def table(self, number, notes, left_out, n_runs, bold_groups=()) -> Table:
+    def table(self, number, notes, left_out, runs: pd.DataFrame | None, bold_groups=()) -> Table:
+        n_runs = 0 if runs is None else len(runs)
         values = pd.DataFrame(self.values, columns=self.columns, dtype=float)
         bold = pd.DataFrame(False, index=values.index, columns=self.columns)
         for rows, columns in bold_groups:
@@ -343,7 +432,8 @@ class _Grid:
             cells=pd.DataFrame(self.cells, columns=self.columns), values=values, bold=bold,
             keys=pd.DataFrame(self.keys, columns=self.columns, dtype=object),
             headers=self.headers, decimals=self.decimals, signed_rows=self.signed_rows,
-            notes=notes, left_out=list(dict.fromkeys(left_out)), n_runs=n_runs)
+            notes=notes, left_out=list(dict.fromkeys(left_out)), n_runs=n_runs,
+            off_paper=off_paper(runs) if runs is not None else [])
 
 
 def _decimals(metric: str) -> int:
@@ -366,7 +456,7 @@ def table1(trials: pd.DataFrame, metric: str | None = None) -> Table:
     notes, left_out = [], []
     runs = _select(trials, lambda r: (r["detector"] == "faster_rcnn") & (
         (r["method"] == "none") | ((r["method"] == "fixed") & (r["head"] == "rpn"))))
-    runs = _pin(runs, "backbone", "resnet50", notes, "model.backbone")
+    runs = _pin(runs, "backbone", "resnet50", notes, S.PARAM_BACKBONE)
     settings = runs["dataset"] + "_" + runs["optimizer"] + "_" + runs["reg_loss"]
     metric_of = settings.map(lambda setting: _table1_metric(setting, metric))
     runs = runs.assign(value=_percent(trials.loc[runs.index], metric_of))
@@ -399,10 +489,17 @@ def table1(trials: pd.DataFrame, metric: str | None = None) -> Table:
     if absolute_shown:
         notes.append("Values in parentheses are absolute: their column has no finished "
                      "(1.00,1.00) run to take the delta against.")
-    table = grid.table(1, notes, left_out, len(runs))
-    delta_rows = sorted(table.signed_rows)
+    table = grid.table(1, notes, left_out, runs)
+    # The paper marks rows, not cells: a weight pair in bold (label and cells) improves on
+    # (1, 1) in every setting measured: no printed delta below 0 and at least one above.
     rounded = pd.DataFrame({s: table.values[s].round(decimals[s]) for s in columns})
-    table.bold.loc[delta_rows, columns] = rounded.loc[delta_rows] > 0
+    for row in sorted(table.signed_rows):
+        measured = rounded.loc[row].dropna()
+        if len(measured) and (measured >= 0).all() and (measured > 0).any():
+            table.bold.loc[row, columns] = table.values.loc[row, columns].notna()
+            table.bold_labels.add(row)
+    if table.bold_labels:
+        table.notes.append("Rows in bold improve on (1.00,1.00) in every setting measured.")
     return table
 
 
@@ -437,7 +534,7 @@ def table2(trials: pd.DataFrame, metric: str | None = None) -> Table:
             rows.append(grid.add({"Method": method_label, "Backbone": name(BACKBONES, backbone)},
                                  cells, values, keys))
         bold_groups += [(rows, [loss]) for loss in columns]
-    return grid.table(2, notes, left_out, len(runs), bold_groups)
+    return grid.table(2, notes, left_out, runs, bold_groups)
 
 
 def table3(trials: pd.DataFrame, metric: str | None = None) -> Table:
@@ -459,7 +556,7 @@ def table3(trials: pd.DataFrame, metric: str | None = None) -> Table:
             values[approach] = cell.mean
             cells[approach] = _with_delta(cell, base, decimals[approach], approach != "baseline")
         grid.add({"Method": name(DETECTORS, detector)}, cells, values, keys)
-    return grid.table(3, notes, left_out, len(runs))
+    return grid.table(3, notes, left_out, runs)
 
 
 def _with_delta(cell: CellStats, base: CellStats, decimals: int, show: bool) -> str:
@@ -492,7 +589,7 @@ def table4(trials: pd.DataFrame, metric: str | None = None) -> Table:
                                           decimals[detector], approach == "alwa_1")
         grid.add({"Approach": name(APPROACHES, approach)}, cells, values, keys)
     rows = list(range(len(grid.labels)))
-    return grid.table(4, notes, left_out, len(runs), [(rows, [d]) for d in columns])
+    return grid.table(4, notes, left_out, runs, [(rows, [d]) for d in columns])
 
 
 def table5(trials: pd.DataFrame, metric: str | None = None) -> Table:
@@ -519,7 +616,7 @@ def table5(trials: pd.DataFrame, metric: str | None = None) -> Table:
         row = grid.add({"Setting": f"{name(DETECTORS, detector)} + {name(LOSSES, loss)}",
                         "Backbone": name(BACKBONES, backbone)}, cells, values, keys)
         bold_groups.append(([row], ALWA_METHODS))
-    return grid.table(5, notes, left_out, len(runs), bold_groups)
+    return grid.table(5, notes, left_out, runs, bold_groups)
 
 
 def table6(trials: pd.DataFrame, metric: str | None = None) -> Table:
@@ -571,16 +668,17 @@ def table6(trials: pd.DataFrame, metric: str | None = None) -> Table:
     interval_positions = list(range(len(interval_rows)))
     bold_groups = ([(lambda0_positions, [f"lambda0:{loss}"]) for loss in losses]
                    + [(interval_positions, [f"C:{loss}"]) for loss in losses])
-    return grid.table(6, notes, left_out, len(runs), bold_groups)
+    return grid.table(6, notes, left_out, runs, bold_groups)
 
 
 def compact(table: Table) -> Table:
     """The table without the rows and value columns that hold no measured cell (only
     ``–``): the paper's full layout is for paper-scale sweeps; a small sweep (the demo)
     reads better without its empty cells."""
-    filled = table.cells != MISSING
-    columns = [c for c in table.cells.columns if filled[c].any()]
-    rows = [i for i in table.cells.index if filled.loc[i, columns].any()]
+    measured = (table.cells != MISSING) & (table.cells != "") & table.keys.notna()
+    text_only = [c for c in table.cells.columns if table.keys[c].isna().all()]  # Table 6's C labels
+    rows = [i for i in table.cells.index if measured.loc[i].any()]
+    columns = [c for c in table.cells.columns if measured.loc[rows, c].any() or c in text_only]
     if not columns or not rows:
         return table
     renumber = {old: new for new, old in enumerate(rows)}
@@ -589,8 +687,13 @@ def compact(table: Table) -> Table:
         frame = frame.loc[rows, columns] if value_columns else frame.loc[rows]
         return frame.reset_index(drop=True)
 
+    labels = keep(table.labels, value_columns=False)
+    if table.number == 6 and not any(str(c).startswith("lambda0:") for c in columns):
+        labels["λ0"] = ""  # the λ0 block is gone: its labels would sit beside the C block's rows
     return dataclasses.replace(
-        table, labels=keep(table.labels, value_columns=False), cells=keep(table.cells),
+        table, labels=labels, cells=keep(table.cells),
         values=keep(table.values), bold=keep(table.bold), keys=keep(table.keys),
-        headers={c: table.headers[c] for c in columns}, decimals={c: table.decimals[c] for c in columns},
-        signed_rows={renumber[i] for i in table.signed_rows if i in renumber})
+        headers={c: table.headers[c] for c in columns},
+        decimals={c: table.decimals[c] for c in columns if c in table.decimals},
+        signed_rows={renumber[i] for i in table.signed_rows if i in renumber},
+        bold_labels={renumber[i] for i in table.bold_labels if i in renumber})

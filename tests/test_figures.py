@@ -18,6 +18,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+
 from reports import figures, runs, tables
 
 ITERATIONS = 30
@@ -88,6 +90,15 @@ def as_xy(points: dict):
     return steps, [points[s] for s in steps]
 
 
+def contrast(a, b) -> float:
+    """WCAG 2 contrast ratio of two RGBA colours."""
+    def luminance(rgba):
+        channels = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+        return 0.2126 * channels[0] + 0.7152 * channels[1] + 0.0722 * channels[2]
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
 def same_line(drawn, expected) -> bool:
     """Same x values, y values equal up to float rounding."""
     return list(drawn[0]) == list(expected[0]) and list(drawn[1]) == pytest.approx(list(expected[1]))
@@ -116,9 +127,23 @@ def test_losses_window_and_alpha_figures_draw_the_logged_series(store):
     assert same_line(line_data(std_axes)["reg_std"], as_xy(logged["window/reg_std"]))
     assert line_data(mean_axes)["cls_mean"][0] == [10, 20, 30]
 
+    # losses on a log axis (cls starts far above reg)
+    assert raw.get_yscale() == "log" and weighted.get_yscale() == "log"
+
     (alpha_axes,) = figures.alpha_figure(histories).axes
-    (steps, alpha), = line_data(alpha_axes).values()
-    assert same_line((steps, alpha), as_xy(logged["weight/alpha"]))
+    drawn = line_data(alpha_axes)
+    assert same_line(drawn["α"], as_xy(logged["weight/alpha"]))
+    # the update points: the iterations with a window statistic, at α's value there
+    (update_label,) = [label for label in drawn if label.startswith("update")]
+    updates = sorted(logged["window/cls_mean"])
+    assert same_line(drawn[update_label], (updates, [logged["weight/alpha"][i] for i in updates]))
+    # without window statistics, the points where α changes
+    no_window = {k: v for k, v in histories.items() if not k.startswith("window/")}
+    drawn = line_data(figures.alpha_figure(no_window).axes[0])
+    alpha = logged["weight/alpha"]
+    changes = [i for i in sorted(alpha)[1:] if alpha[i] != alpha[i - 1]]
+    (update_label,) = [label for label in drawn if label.startswith("update")]
+    assert drawn[update_label][0] == changes
 
 
 def test_trial_figures_files(store, tmp_path):
@@ -156,6 +181,13 @@ def test_table1_heatmap_cells_are_the_deltas(store, tmp_path):
     assert np.ma.filled(image, np.nan)[1, 1] == 0.0
     texts = {t.get_text() for t in figure.axes[0].texts}
     assert f"{final['w025_050'] - final['base']:+.2f}" in texts
+    # every label readable: WCAG contrast >= 4.5 against its own cell's colour
+    from matplotlib.colors import to_rgba
+    heat = figure.axes[0].images[0]
+    for text in figure.axes[0].texts:
+        x, y = (int(round(v)) for v in text.get_position())
+        background = heat.cmap(heat.norm(grid.values[y, x]))
+        assert contrast(to_rgba(text.get_color()), background) >= 4.5, text.get_text()
     paths = figures.table1_heatmap(table, tmp_path)
     assert [p.name for p in paths] == ["table1_heatmap.png", "table1_heatmap.pdf"]
     assert all(p.stat().st_size > 1000 for p in paths)
@@ -171,3 +203,12 @@ def test_metric_per_epoch_one_line_per_trial(store, tmp_path):
     assert set(drawn) == {f"{name} (map)" for name in TRIALS}
     for name, (_, per_epoch, _) in TRIALS.items():
         assert same_line(drawn[f"{name} (map)"], ([1, 2, 3], [v * 100.0 for v in per_epoch]))
+
+
+def test_metric_per_epoch_of_a_single_evaluation_has_one_integer_tick():
+    import pandas as pd
+    figure = figures.metric_figure([("one eval (map)", pd.Series([12.5], index=[1]))])
+    axes = figure.axes[0]
+    FigureCanvasAgg(figure).draw()
+    assert list(axes.get_xticks()) == [1]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["1"]

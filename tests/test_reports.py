@@ -341,6 +341,12 @@ def test_table1_absolute_row_deltas_bold_and_missing(store):
     assert set(table.cells["voc_adamw_l1"]) == {"–"}
     # ResNet-101 and RetinaNet runs are not Table 1's; the pin is said
     assert any("model.backbone = resnet50 (also found: resnet101)" in n for n in table.notes)
+    # the paper marks rows: a pair whose every measured delta is an improvement, label too
+    improving = {row for row in table.signed_rows
+                 if (deltas := [v for v in table.values.loc[row] if v == v])
+                 and all(round(v, 2) >= 0 for v in deltas) and any(round(v, 2) > 0 for v in deltas)}
+    assert table.bold_labels == improving and row_of(table, **{"Loss weight (cls, reg)": "(0.25,0.50)"}) \
+        in improving and row_of(table, **{"Loss weight (cls, reg)": "(2.00,2.00)"}) not in improving
 
 
 def test_table1_experiment_includes_a_lone_train_run(store):
@@ -559,17 +565,47 @@ def test_latex_bold_and_escaping(store):
     assert render.latex_escape("74.2 ± 0.1, λ0, Δ, –") == "74.2 $\\pm$ 0.1, $\\lambda_0$, $\\Delta$, --"
 
 
-@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no LaTeX engine installed")
-def test_latex_compiles_standalone(store, tmp_path):
-    for number in range(1, 7):
-        (tmp_path / f"table{number}.tex").write_text(
-            render.to_latex(published.with_paper(tables.build(number, store["sweep"]))))
+def test_latex_minus_signs_group_rules_and_row_bold(store):
+    table = tables.build(1, store["sweep"])
+    latex = render.to_latex(table)
+    delta = finals("t1_200_200")[0] - statistics.mean(finals("t1_base_s0", "t1_base_s1", "t1_base_s2"))
+    assert f"$-${abs(delta):.2f}" in latex and f"-{abs(delta):.2f}" not in latex.replace("$-$", "")
+    # one \cmidrule under each header group, spanning its columns (label column is 1)
+    assert "\\cmidrule(lr){2-4} \\cmidrule(lr){5-5} \\cmidrule(lr){6-6} \\cmidrule(lr){7-7}" in latex
+    assert "\\multicolumn{3}{c}{VOC SGD}" in latex
+    assert "\\textbf{(0.25,0.50)}" in latex and "\\textbf{(2.00,2.00)}" not in latex
+    assert render.to_latex(table, width="full").count("\\begin{table*}") == 1
+
+
+def pdflatex_missing() -> bool:
+    return shutil.which("pdflatex") is None
+
+
+@pytest.mark.skipif(pdflatex_missing(), reason="pdflatex not installed (.ci/run installs Debian's "
+                    "texlive-latex-base and texlive-latex-recommended)")
+@pytest.mark.parametrize("width", render.WIDTHS)
+def test_every_table_compiles_on_an_article_page_without_overfull_boxes(store, tmp_path, width):
+    """Every table as `report` writes it (plain, --paper, --compact) for the sweep and the
+    demo experiment, \\input into one article document: no error, no overfull box."""
+    demo = runs.load_trials(store["client"], experiment=DEMO_EXPERIMENT)
+    inputs = []
+    for source_name, source in (("sweep", store["sweep"]), ("demo", demo)):
+        for number in range(1, 7):
+            base = tables.build(number, source)
+            for variant, table in (("plain", base), ("paper", published.with_paper(base)),
+                                   ("compact", tables.compact(base))):
+                name = f"{source_name}_{variant}_table{number}.tex"
+                (tmp_path / name).write_text(render.to_latex(table, width=width))
+                inputs.append(name)
     document = tmp_path / "all.tex"
-    document.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
-                        + "".join(f"\\input{{table{n}.tex}}\n" for n in range(1, 7)) + "\\end{document}\n")
+    document.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\usepackage{graphicx}\n"
+                        "\\begin{document}\n" + "".join(f"\\input{{{n}}}\n\\clearpage\n" for n in inputs)
+                        + "\\end{document}\n")
     result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "all.tex"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout[-2000:]
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    log = (tmp_path / "all.log").read_text(errors="replace")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "Overfull" not in log, [line for line in log.splitlines() if "Overfull" in line][:5]
     assert (tmp_path / "all.pdf").stat().st_size > 0
 
 

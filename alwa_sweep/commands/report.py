@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from trainers.errors import ConfigError
@@ -30,21 +31,40 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
     parser.add_argument("--compact", action="store_true",
                         help="drop rows and columns without any measured cell (small sweeps)")
+    parser.add_argument("--width", choices=("text", "full"), default="text",
+                        help="LaTeX float: 'text' (table, scaled down to the text width when wider) "
+                             "or 'full' (table*, \\small: across both columns of a two-column page)")
+    parser.add_argument("--ci", action="store_true",
+                        help="is each delta real? a paired bootstrap 95%% interval over test images "
+                             "(from the trials' detections.npz) and, with several seeds, mean ± std "
+                             "and Welch's t-test; writes ci.md")
+    parser.add_argument("--resamples", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples for --ci (default 1000)")
 
 
 def run(args) -> int:
+    # Callers that build the Namespace themselves (``alwa-sweep demo``) may predate these.
+    for option, default in (("width", "text"), ("ci", False), ("resamples", 1000)):
+        if not hasattr(args, option):
+            setattr(args, option, default)
     # Heavy imports here: the CLI imports every command module to build --help.
     from alwa_sweep.sweep_paths import check_writable
     from alwa_sweep.tracking import check_tracking_server, default_tracking_uri
-    from reports import figures, published, render, runs, tables
+    from tqdm import tqdm
+
+    from reports import ci, figures, published, render, runs, tables
 
     if args.metric is not None and not re.fullmatch(r"[A-Za-z0-9_./]+", args.metric):
         raise ConfigError("--metric", f"{args.metric!r} is not a metric name.",
                           "Give the part after val/, e.g. map, ap or ap50.")
     uri = args.tracking_uri or default_tracking_uri()
     check_tracking_server(uri)
+    if not 100 <= args.resamples <= 100_000:
+        raise ConfigError("--resamples", f"must be in 100..100000, got {args.resamples}.",
+                          "1000 (the default) gives a stable 95% interval.")
     client = runs.open_client(uri)
-    trials = runs.load_trials(client, experiment=args.experiment, sweep_run_id=args.sweep)
+    trials = runs.load_trials(client, experiment=args.experiment, sweep_run_id=args.sweep,
+                              progress=True)
     source = f"experiment {args.experiment!r}" if args.experiment else f"sweep {args.sweep}"
     if trials.empty:
         raise ConfigError("--sweep" if args.sweep else "--experiment", f"{source} has no trial runs.",
@@ -73,19 +93,28 @@ def run(args) -> int:
         if args.format in ("md", "both"):
             written.append(_write(out / f"table{number}.md", markdown))
         if args.format in ("latex", "both"):
-            written.append(_write(out / f"table{number}.tex", render.to_latex(table)))
+            written.append(_write(out / f"table{number}.tex", render.to_latex(table, width=args.width)))
         print(markdown)
 
     figure_paths = []
     if not args.no_figures:
         figure_dir = out / "figures"
-        for _, trial in trials.iterrows():
+        for _, trial in tqdm(list(trials.iterrows()), desc="figures", unit=" trials", file=sys.stderr,
+                             leave=False):
             figure_paths += figures.trial_figures(client, trial, figure_dir)
         if heatmap_source is None:
             heatmap_source = tables.table1(trials, args.metric)
         figure_paths += figures.table1_heatmap(heatmap_source, figure_dir)
         figure_paths += figures.metric_per_epoch(client, trials, figure_dir, args.metric)
     written += figure_paths
+
+    if args.ci:
+        metric = args.metric or "map"
+        found = ci.with_intervals(client, ci.comparisons(trials, runs.metric_column(metric)),
+                                  n_resamples=args.resamples, progress=True)
+        markdown = ci.to_markdown(found, args.resamples)
+        print(markdown)
+        written.append(_write(out / "ci.md", markdown))
 
     if args.sweep:
         for path in written:

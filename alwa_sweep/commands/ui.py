@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from alwa_sweep.sweep_paths import runs_root
@@ -62,6 +66,56 @@ def server_command(uri: str, host: str, port: int, basic_auth: bool) -> list[str
     return command
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port`` (a bind test, then a connect test)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1" if host in ("0.0.0.0", "") else host, port)) == 0
+
+
+def wait_ready(base: str, process: subprocess.Popen, timeout: float = 120.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+def stop(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop the server and every process it started (its own process group)."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
+
+
+def print_links(client, base: str) -> None:
+    from reports import ui_links
+
+    for experiment in ui_links.alwa_experiments(client):
+        links = ui_links.install_views(client, experiment.experiment_id)
+        print(f"  experiment {experiment.name!r}: {base}{ui_links.experiment_path(experiment.experiment_id)}")
+        for name, path in links.values():
+            print(f"    sweep {name!r} (trials by mAP): {base}{path}")
+
+
 def run(args) -> int:
     if not 1 <= args.port <= 65535:
         raise ConfigError("--port", f"must be in 1..65535, got {args.port}.")
@@ -77,14 +131,38 @@ def run(args) -> int:
                    if not os.environ.get(v)]
         if missing:
             raise ConfigError("--basic-auth", f"set {' and '.join(missing)} in the environment first.")
+    if port_in_use(args.host, args.port):
+        raise ConfigError("--port", f"port {args.port} on {args.host} is already in use (another "
+                          "`alwa-sweep ui` or MLflow server?).",
+                          "Pass a free port, e.g. --port 5001, or stop the program that holds it.")
     uri = store_uri(args.store, args.runs_dir)
-    open_store(uri, "--store")  # create/migrate once, here, not in the server's workers
+    client = open_store(uri, "--store")  # create/migrate once, here, not in the server's workers
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    print(f"MLflow UI: http://{shown_host}:{args.port}  (store: {uri}; Ctrl-C to stop)", flush=True)
-    process = subprocess.Popen(server_command(uri, args.host, args.port, args.basic_auth))
+    base = f"http://{shown_host}:{args.port}"
+    print(f"MLflow UI: {base}  (store: {uri}; Ctrl-C to stop)", flush=True)
+    process = subprocess.Popen(server_command(uri, args.host, args.port, args.basic_auth),
+                               start_new_session=True)
+
+    def terminate(signum, _frame):
+        raise SystemExit(128 + signum)  # the finally below stops the server (not here: a
+        # handler that waits for it would deadlock with the process.wait() it interrupted)
+
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=15)
+        if wait_ready(base, process):
+            from reports.ui_links import home_path
+
+            print(f"  experiments: {base}{home_path()}")
+            print_links(client, base)
+            sys.stdout.flush()
+        code = process.wait()
+        if code != 0:
+            print(f"error: the MLflow server exited with status {code}.", file=sys.stderr)
+            return 1
         return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop(process)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
