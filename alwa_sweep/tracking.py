@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from alwa_sweep.sweep_paths import check_writable
-from reports.schema import (ARTIFACT_CONFIG, METRIC_LOSS, STATUS_ERROR, STATUS_INTERRUPTED, STATUS_OK,
+from reports.schema import (ARTIFACT_CONFIG, ARTIFACT_DETECTIONS, METRIC_LOSS, STATUS_ERROR, STATUS_INTERRUPTED, STATUS_OK,
                             STATUS_RUNNING, STATUS_STOPPED, TAG_CHECKPOINT, TAG_PARENT, TAG_REASON, TAG_STATUS)
 from trainers.config import flatten
 from trainers.errors import ConfigError
@@ -110,7 +110,10 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri, name))
+    from reports.ui_links import experiment_tags  # MLflow's UI then opens it on its runs table
+
+    return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri, name),
+                                    tags=experiment_tags())
 
 
 def find_runs_by_tag(client: MlflowClient, experiment_id: str, key: str, value: str) -> list:
@@ -198,6 +201,7 @@ class MlflowHook(TrainingHook):
         run = self.client.get_run(self.run_id)
         if run.info.status != "RUNNING":
             self.client.update_run(self.run_id, status="RUNNING")
+        self._config = config
         resolved = config.dump()
         existing = run.data.params
         params = [Param(k, _param_value(v)) for k, v in sorted(flatten(resolved).items()) if k not in existing]
@@ -228,6 +232,20 @@ class MlflowHook(TrainingHook):
         timestamp = int(time.time() * 1000)
         self.wait()
         self._log_metrics([Metric(name, value, timestamp, epoch) for name, value in metrics.items()])
+
+    def log_detections(self, detections, annotations, image_ids, class_names):
+        """The final test-set detections as the run's ``detections.npz`` (``report --ci``)."""
+        import tempfile
+
+        from trainers.evaluation.detections_io import save_detections
+
+        evaluation = self._config.evaluation
+        with tempfile.TemporaryDirectory(prefix="alwa_detections_") as folder:
+            path = save_detections(Path(folder) / ARTIFACT_DETECTIONS, detections, annotations,
+                                   image_ids=image_ids, dataset=self._config.dataset.kind,
+                                   iou_threshold=evaluation.iou_threshold, method=evaluation.method,
+                                   class_names=class_names)
+            self.client.log_artifact(self.run_id, str(path))
 
     def on_checkpoint(self, path, iteration, epoch):
         if path is None:

@@ -136,14 +136,6 @@ PARAM_REG_WEIGHT = "weighting.reg"
 PARAMS_NOT_CONFIG = ("train.device", "dataset.num_workers", "train.log_every",
                      "train.checkpoint_every_iters", "train.eval_batch_size")
 
-# Values a run recorded before every resolved value was logged as a param takes for a
-# missing param (the engine's defaults then). Newer runs log all of them; the single
-# source of the defaults is trainers.config (its typed defaults replace this table).
-OLD_RUN_DEFAULTS = {
-    PARAM_METHOD: "none", PARAM_CLS_WEIGHT: 1.0, PARAM_REG_WEIGHT: 1.0, PARAM_VARIANT: 1,
-    PARAM_LAMBDA0: 1.0, PARAM_INTERVAL: 100.0, PARAM_OPTIMIZER: "sgd", "regression_loss": "l1",
-}
-
 # ---- the MLflow UI (alwa-sweep ui) ------------------------------------------------------
 # MLflow 3's UI opens an experiment on its GenAI pages unless the experiment says it holds
 # training runs: set these tags when creating an experiment (reports.ui_links).

@@ -58,6 +58,9 @@ import pandas as pd
 from reports import schema as S
 from reports.runs import metric_column
 from trainers.errors import ConfigError
+from trainers.config import OptimizerConfig
+from trainers.losses import BoxRegressionLoss
+from trainers.weighting import ALWASettings, FixedSettings, NoneSettings
 
 MISSING = "–"
 DIVERGED = (S.STATUS_NAN, S.STATUS_OVERFLOW)
@@ -96,9 +99,15 @@ TABLE5_ROWS = [("faster_rcnn", "l1", "resnet50"), ("faster_rcnn", "ciou", "resne
 TABLE6_LAMBDA0 = [0.5, 0.75, 1.0, 1.25, 1.5]
 TABLE6_INTERVALS = [20.0, 100.0, 200.0, 500.0]
 # A missing param means "not recorded" (a run from before every resolved value was
-# logged); it then takes the engine's default of that time, from one place.
-DEFAULT_LAMBDA0 = float(S.OLD_RUN_DEFAULTS[S.PARAM_LAMBDA0])
-DEFAULT_INTERVAL = float(S.OLD_RUN_DEFAULTS[S.PARAM_INTERVAL])
+# logged as a param); it then takes the typed config's default, the one source of them.
+OLD_RUN_DEFAULTS = {
+    S.PARAM_METHOD: NoneSettings().method, S.PARAM_CLS_WEIGHT: FixedSettings().cls,
+    S.PARAM_REG_WEIGHT: FixedSettings().reg, S.PARAM_VARIANT: ALWASettings().variant,
+    S.PARAM_LAMBDA0: ALWASettings().lambda0, S.PARAM_INTERVAL: float(ALWASettings().interval),
+    S.PARAM_OPTIMIZER: OptimizerConfig().type, "regression_loss": BoxRegressionLoss().type,
+}
+DEFAULT_LAMBDA0 = float(OLD_RUN_DEFAULTS[S.PARAM_LAMBDA0])
+DEFAULT_INTERVAL = float(OLD_RUN_DEFAULTS[S.PARAM_INTERVAL])
 
 TITLES = {
     1: "Faster R-CNN R50: RPN (cls, reg) loss weights; the (1.00,1.00) row absolute, the "
@@ -156,7 +165,7 @@ NO_RUNS = CellStats()
 
 def normalize(trials: pd.DataFrame) -> pd.DataFrame:
     """The params the tables group by, typed and with the engine's defaults filled in."""
-    defaults = S.OLD_RUN_DEFAULTS
+    defaults = OLD_RUN_DEFAULTS
 
     def text(key, default):
         column = trials.get(S.PARAM_PREFIX + key)

@@ -1,6 +1,6 @@
 """Every `alwa-sweep report` option on a store written by the real MLflow logger.
 
-Trials are recorded the way a sweep records them: ``MlflowTrainingLogger`` (params from
+Trials are recorded the way a sweep records them: ``MlflowHook`` (params from
 the resolved config, evaluations, final status) under a sweep run, plus each trial's
 ``detections.npz`` artifact (``detections_io.save_detections``). Their logged val/map
 is ``voc_map`` of those detections, so the tables, the paper columns and ``--ci`` can
@@ -23,10 +23,9 @@ import pytest
 from mlflow import MlflowClient
 
 from alwa_sweep.cli import main
-from alwa_sweep.tracking import MlflowTrainingLogger
+from alwa_sweep.tracking import MlflowHook
 from reports import schema as S
-from trainers.config import resolve_config
-from trainers.evaluation.detections_io import save_detections
+from trainers.config import parse_config
 from trainers.evaluation.voc import voc_map
 
 N_IMAGES = 150
@@ -58,16 +57,15 @@ def detector_output(annotations, rng, found: float):
 
 
 def log_trial(client, experiment_id, parent, name, user_config, annotations, detections, folder):
-    config = resolve_config(user_config)
-    logger = MlflowTrainingLogger.create(
+    config = parse_config(user_config)
+    logger = MlflowHook.create(
         client, experiment_id, name, parent_run_id=parent,
         tags={S.TAG_KIND: S.KIND_TRIAL, S.TAG_TRIAL_KEY: name})
     logger.start(config, 0, 10)
     result = voc_map(detections, annotations)
     for epoch, value in ((1, result["map"] - 0.05), (2, result["map"])):
         logger.log_evaluation(epoch, epoch * 5, {S.METRIC_MAP: value})
-    path = save_detections(folder / name / S.ARTIFACT_DETECTIONS, detections, annotations)
-    client.log_artifact(logger.run_id, str(path))  # the lead wires this into the logger
+    logger.log_detections(detections, annotations, list(range(len(annotations))), None)
     logger.finish(S.STATUS_OK, "", {S.METRIC_MAP: result["map"]})
     return logger.run_id, result["map"]
 

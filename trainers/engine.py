@@ -426,9 +426,11 @@ def _train_epochs(run: Run, result: TrainResult) -> None:
                 run.evaluations.append((eval_epoch, evaluation.metrics))
                 result.metrics = evaluation.metrics
                 run.hooks.log_evaluation(eval_epoch, position.iteration, evaluation.metrics)
-                if finished and evaluation.detections:
+                if finished and evaluation.detections and config.dataset.kind == "voc":
+                    # what `report --ci` bootstraps over (reports/bootstrap.py)
                     annotations = [run.test_set.annotations[i] for i in evaluation.image_indices]
-                    run.hooks.log_detections(evaluation.detections, annotations, evaluation.image_indices)
+                    run.hooks.log_detections(evaluation.detections, annotations, evaluation.image_indices,
+                                             run.test_set.class_names)
             run.checkpoint()
     finally:
         result.iterations = run.position.iteration

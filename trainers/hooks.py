@@ -31,8 +31,9 @@ class TrainingHook:
     def log_evaluation(self, epoch: int, iteration: int, metrics: dict[str, float]) -> None:
         """An evaluation's metrics (``val/…``)."""
 
-    def log_detections(self, detections: list[dict], annotations: list[dict], image_ids: list) -> None:
-        """The final evaluation's detections and ground truth, per test image (rank 0)."""
+    def log_detections(self, detections: list[dict], annotations: list[dict], image_ids: list,
+                       class_names: list[str]) -> None:
+        """The final evaluation's detections and ground truth, per test image (rank 0, VOC)."""
 
     def wait(self) -> None:
         """Block until everything logged so far is stored (hooks that write in the
@@ -68,9 +69,9 @@ class Hooks(TrainingHook):
         for hook in self.hooks:
             hook.log_evaluation(epoch, iteration, metrics)
 
-    def log_detections(self, detections, annotations, image_ids):
+    def log_detections(self, detections, annotations, image_ids, class_names):
         for hook in self.hooks:
-            hook.log_detections(detections, annotations, image_ids)
+            hook.log_detections(detections, annotations, image_ids, class_names)
 
     def wait(self):
         for hook in self.hooks:
