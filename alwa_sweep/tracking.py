@@ -150,14 +150,29 @@ class BackgroundWriter:
     def _work(self):
         while True:
             item = self._queue.get()
+            taken, stop = 1, item is None
+            batch = [] if item is None else list(item)
+            # Coalesce what queued up meanwhile (a slow store, a remote server): fewer,
+            # fuller log_batch calls, in the order the items came.
+            while not stop and len(batch) < MAX_METRICS_PER_BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                taken += 1
+                if more is None:
+                    stop = True
+                else:
+                    batch.extend(more)
             try:
-                if item is not None and self._error is None:
-                    self._write(item)
+                if batch and self._error is None:
+                    self._write(batch)
             except BaseException as exc:  # surfaced by wait()
                 self._error = exc
             finally:
-                self._queue.task_done()
-            if item is None:
+                for _ in range(taken):
+                    self._queue.task_done()
+            if stop:
                 return
 
     def put(self, item) -> None:

@@ -162,7 +162,8 @@ def test_resumed_mlflow_run_has_no_duplicate_steps(synthetic_voc, tmp_path):
     uri = sqlite_uri(tmp_path / "mlflow.db")
     client = open_store(uri)
     experiment = get_or_create_experiment(client, "resume-test")
-    config = tiny_config(synthetic_voc, train={"checkpoint_every_iters": 6, "log_every": 4, "eval_every": 0})
+    config = tiny_config(synthetic_voc, train={"checkpoint_every_iters": 6, "log_every": 4, "eval_every": 0,
+                                               "log_interval": 1})
     first = MlflowHook.create(client, experiment, "resumable")
     with pytest.raises(KeyboardInterrupt):  # steps 1..8 were flushed, checkpoint at 6
         train(config, workdir=tmp_path / "run", hooks=[first, Collect(stop_at=10)])
