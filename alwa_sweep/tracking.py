@@ -207,9 +207,11 @@ class IntervalAggregator:
 
     A point at step ``s`` (the last iteration of its interval; an interval ends where
     ``step % interval == 0``, or early at :meth:`flush`) holds the mean of every loss
-    over the interval, ``/min`` and ``/max`` of the losses in ``EXTREME_METRICS``, and
-    every ``weight/…`` at its last value. Besides the points: ``window/…`` at the
-    iteration it was computed (ALWA's updates), ``weight/…`` at the iteration it changed,
+    over the interval and ``/min`` and ``/max`` of the losses in ``EXTREME_METRICS``.
+    Besides the points: ``window/…`` at the iteration it was computed (ALWA's updates),
+    ``weight/…`` at its first iteration and at each iteration it changed (a step
+    function: its value at any point is the last one written — writing it again at
+    every interval end would triple ALWA's α points for nothing),
     ``lr`` at the first iteration of an interval where it differs from the last value
     written and, if it moved on, at the interval's end. ``interval=1`` writes every row
     as it is. Rows with ``step <= skip_until`` (already stored before a resume) are dropped.
@@ -285,11 +287,6 @@ class IntervalAggregator:
             if name in EXTREME_METRICS:
                 out.append((metric_min(name), low, step))
                 out.append((metric_max(name), high, step))
-        written = {(name, s) for name, _, s in out}
-        for name, value in self.weights.items():
-            if (name, step) not in written:
-                out.append((name, value, step))
-            self._written_weights[name] = value
         if self._end_lr is not None and self._end_lr != self._written_lr:
             out.append((METRIC_LR, self._end_lr, step))
             self._written_lr = self._end_lr

@@ -122,8 +122,8 @@ ARTIFACT_SPEC = "spec.yaml"  # a sweep's spec as run
 # A training point at step s (s = the last iteration of its interval, or the iteration of
 # a checkpoint/evaluation/end that closed it early) holds, over the interval's iterations:
 # the mean of every ``train/…`` loss; ``train/loss/min`` and ``train/loss/max`` (the total
-# loss's extremes, for spikes); every ``weight/…`` at its last value. ``weight/…`` is also
-# written at the iteration it changed (an ALWA update), ``window/…`` only on updates, and
+# loss's extremes, for spikes). ``weight/…`` is written at the first iteration and at each
+# iteration it changed (an ALWA update: a step function), ``window/…`` only on updates, and
 # ``lr`` at the first iteration of an interval where it changed and at the interval's end
 # when it differs from the last value written.
 EXTREME_METRICS = (METRIC_LOSS,)  # the losses that also get /min and /max
