@@ -333,6 +333,8 @@ def main(argv=None) -> int:
             ok = value <= budget
             verdicts.append(ok)
             print(f"    {label:58s} {value:10.3f}  budget {budget:g}  {'ok' if ok else 'OVER'}")
+    import shutil
+    shutil.rmtree(work, ignore_errors=True)
     passed = all(verdicts) and bool(verdicts)
     print("PASS" if passed else "FAIL")
     return 0 if passed else 1
