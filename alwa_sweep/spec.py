@@ -173,26 +173,65 @@ class Spec:
 
 # ---- names and keys ----------------------------------------------------------------------
 
+MAX_NAME_LENGTH = 250  # a PostgreSQL-backed MLflow server stores run names of ≤ 250 characters
+_PATH_FIELDS = {"root", "train_ann", "train_images", "val_ann", "val_images"}  # dataset paths
+
+
 def _short(key: str) -> str:
     return key.split(".")[-1]
 
 
 def _value_text(value: Any) -> str:
     if isinstance(value, dict):
-        return ",".join(f"{_short(k)}={_value_text(v)}" for k, v in value.items())
+        return _mapping_label(value)
     if isinstance(value, list):
         return "x".join(_value_text(v) for v in value)
     return str(value)
 
 
+def _mapping_label(value: dict) -> str:
+    """A short label of a named grid value (a mapping of config fields): nested sections
+    are flattened, dataset paths left out (``kind`` says which dataset), ``kind`` shown by
+    its value alone, and a field name shortened to its last part unless two parts of
+    the label would then read the same (``roi_reg.type=l1,optimizer.type=adamw``)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, mapping: dict) -> None:
+        for key, sub in mapping.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(sub, dict):
+                walk(f"{dotted}.", sub)
+            else:
+                flat[dotted] = sub
+    walk("", value)
+    shown = {k: v for k, v in flat.items() if _short(k) not in _PATH_FIELDS}
+    shorts = [_short(k) for k in shown]
+    parts = []
+    for key, sub in shown.items():
+        short = _short(key)
+        if short == "kind" and key.count(".") <= 1:
+            parts.append(_value_text(sub))
+            continue
+        if shorts.count(short) > 1:
+            short = ".".join(key.split(".")[-2:])
+        parts.append(f"{short}={_value_text(sub)}")
+    return ",".join(parts)
+
+
 def trial_name(overrides: dict) -> str:
+    """A readable name of one grid point, ≤ ``MAX_NAME_LENGTH`` characters (a longer one
+    is cut and ends with ``~`` and the trial's key, so it stays unique)."""
     parts = []
     for key, value in overrides.items():
         if isinstance(value, dict):
             parts.append(_value_text(value))
         else:
             parts.append(f"{_short(key)}={_value_text(value)}")
-    return "_".join(parts) or "base"
+    name = "_".join(parts) or "base"
+    if len(name) > MAX_NAME_LENGTH:
+        key = trial_key(overrides)
+        name = name[: MAX_NAME_LENGTH - len(key) - 1] + "~" + key
+    return name
 
 
 def trial_key(overrides: dict) -> str:

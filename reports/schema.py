@@ -141,3 +141,66 @@ PARAMS_NOT_CONFIG = ("train.device", "dataset.num_workers", "train.log_every",
 # training runs: set these tags when creating an experiment (reports.ui_links).
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND_TRAINING = "custom_model_development"
+
+
+# ---- interval points (``train.log_interval``) -------------------------------------------
+# A training point at step s (s = the last iteration of its interval, or the iteration of
+# a checkpoint/evaluation/end that closed it early) holds, over the interval's iterations:
+# the mean of every ``train/…`` loss; ``train/loss/min`` and ``train/loss/max`` (the total
+# loss's extremes, for spikes). ``weight/…`` is written at the first iteration and at each
+# iteration it changed (an ALWA update: a step function), ``window/…`` only on updates, and
+# ``lr`` at the first iteration of an interval where it changed and at the interval's end
+# when it differs from the last value written.
+EXTREME_METRICS = (METRIC_LOSS,)  # the losses that also get /min and /max
+
+
+def metric_min(name: str) -> str:
+    """The smallest per-iteration value of ``name`` in an interval: ``train/loss/min``."""
+    return f"{name}/min"
+
+
+def metric_max(name: str) -> str:
+    """The largest per-iteration value of ``name`` in an interval: ``train/loss/max``."""
+    return f"{name}/max"
+
+
+# ---- the run's summary: written once when training ends (step = the last iteration) ----
+# Tables read these (``metrics.final/...`` columns of ``reports.runs.load_trials``), never
+# histories. ``final/val/<name>`` = the last evaluation's metrics; ``final/weight/<name>``
+# = each weight's last value (``final/weight/alpha``: ALWA's final α);
+# ``final/train/<loss>`` = the loss means over the last interval.
+FINAL_PREFIX = "final/"
+METRIC_FINAL_ITERATIONS = "final/iterations"  # the last iteration trained (resumes included)
+METRIC_FINAL_SECONDS = "final/seconds"  # training wall time, summed over resumed segments
+METRIC_FINAL_ALPHA = "final/weight/alpha"
+METRIC_FINAL_LOSS = "final/train/loss"
+METRIC_FINAL_MAP = "final/val/map"  # VOC
+METRIC_FINAL_AP = "final/val/ap"  # COCO
+FINAL_MAIN_METRICS = (METRIC_FINAL_MAP, METRIC_FINAL_AP)
+
+
+def metric_final(name: str) -> str:
+    """A summary metric: ``val/map`` → ``final/val/map``; ``weight/alpha`` → ``final/weight/alpha``."""
+    return f"{FINAL_PREFIX}{name}"
+
+
+# ---- provenance: tags on every trial run (``alwa_sweep/provenance.py``) ----------------
+TAG_CODE_VERSION = "alwa.code.version"  # "<commit>[-dirty]" of the checkout, else "package <version>"
+TAG_GIT_COMMIT = "alwa.code.git_commit"
+TAG_GIT_DIRTY = "alwa.code.git_dirty"  # "true" / "false"
+TAG_PACKAGE_VERSION = "alwa.code.package_version"
+ENV_TAG_PREFIX = "alwa.env."  # alwa.env.torch, .torchvision, .cuda, .cudnn, .gpu, .gpu_count, .hostname, .ray, ...
+TAG_SOURCE_NAME = "mlflow.source.name"  # MLflow's own source and user tags
+TAG_SOURCE_TYPE = "mlflow.source.type"
+TAG_SOURCE_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_USER = "mlflow.user"
+INPUT_CONTEXT_TRAIN, INPUT_CONTEXT_TEST = "train", "test"  # mlflow.data.context of a run's dataset inputs
+
+
+def env_tag(name: str) -> str:
+    return f"{ENV_TAG_PREFIX}{name}"
+
+
+ARTIFACT_LOG_DIR = "logs"  # train.log (a resumed segment: train_from_<iteration>.log)
+ARTIFACT_MODEL_DIR = "model"  # the final checkpoint, for trials that opt in
+SYSTEM_METRIC_PREFIX = "system/"  # MLflow's system metrics (opt-in)

@@ -110,7 +110,11 @@ def test_tiny_detector_learns_with_alwa(synthetic_voc_large, tmp_path, detector,
     assert run.data.tags["alwa.status"] == "ok"
     assert run.data.params["weighting.method"] == "alwa"
     alpha = client.get_metric_history(logger.run_id, "weight/alpha")
-    assert sorted(m.step for m in alpha) == list(range(1, 241))
+    # α is a step function: written at the first iteration and at each change (train.log_interval)
+    changes = [r["step"] for prev, r in zip(collect.rows, collect.rows[1:]) if r["weight/alpha"] != prev["weight/alpha"]]
+    assert sorted(m.step for m in alpha) == [1] + changes
+    assert {m.step: m.value for m in alpha} == {r["step"]: r["weight/alpha"] for r in collect.rows
+                                                 if r["step"] in [1] + changes}
     window = client.get_metric_history(logger.run_id, "window/cls_mean")
     assert sorted(m.step for m in window) == list(range(20, 241, 20))
     # window statistics are those of the weighted records: check one window independently
@@ -162,7 +166,8 @@ def test_resumed_mlflow_run_has_no_duplicate_steps(synthetic_voc, tmp_path):
     uri = sqlite_uri(tmp_path / "mlflow.db")
     client = open_store(uri)
     experiment = get_or_create_experiment(client, "resume-test")
-    config = tiny_config(synthetic_voc, train={"checkpoint_every_iters": 6, "log_every": 4, "eval_every": 0})
+    config = tiny_config(synthetic_voc, train={"checkpoint_every_iters": 6, "log_every": 4, "eval_every": 0,
+                                               "log_interval": 1})
     first = MlflowHook.create(client, experiment, "resumable")
     with pytest.raises(KeyboardInterrupt):  # steps 1..8 were flushed, checkpoint at 6
         train(config, workdir=tmp_path / "run", hooks=[first, Collect(stop_at=10)])

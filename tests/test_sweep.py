@@ -35,7 +35,8 @@ def tiny_spec(data: dict, grid, **extra) -> dict:
                         "test_sets": data["test_sets"], "scale": [128, 128], "num_workers": 0},
             "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
             "schedule": {"unit": "iter", "max_iters": 16, "steps": [12], "warmup_iters": 4},
-            "train": {"batch_size": 4, "log_every": 4, "eval_every": 0, "checkpoint_every_iters": 8},
+            "train": {"batch_size": 4, "log_every": 4, "eval_every": 0, "checkpoint_every_iters": 8,
+                      "log_interval": 1},
         },
         "grid": grid,
         "resources": {"cpus_per_worker": 1},
@@ -159,8 +160,12 @@ def test_local_sweep_isolates_a_diverging_trial(local_ray, synthetic_voc, tmp_pa
         else:
             assert "non-finite" in child.data.tags["alwa.status_reason"]
     alwa = [c for c in children if c.data.params.get("weighting.method") == "alwa"][0]
-    assert len(client.get_metric_history(alwa.info.run_id, "weight/alpha")) == 16
-    assert len(client.get_metric_history(alwa.info.run_id, "window/cls_std")) == 4
+    windows = [m.step for m in client.get_metric_history(alwa.info.run_id, "window/cls_std")]
+    assert len(windows) == 4
+    # α is a step function: written at iteration 1 and where an update (the iteration
+    # after a window's statistics) changed it
+    alpha = [m.step for m in client.get_metric_history(alwa.info.run_id, "weight/alpha")]
+    assert 1 in alpha and len(set(alpha)) == len(alpha) and set(alpha) <= {1} | {w + 1 for w in windows}
     parent = client.get_run(parent_id)
     assert parent.data.tags["alwa.summary"] == "ok=2 nan=1"
     assert "spec.yaml" in [a.path for a in client.list_artifacts(parent_id)]

@@ -16,7 +16,8 @@ def write_config(path, data, **train):
         "model": {"detector": "retinanet", "backbone": "tiny", "pretrained": "none"},
         "weighting": {"method": "alwa", "variant": 2, "interval": 3},
         "schedule": {"unit": "iter", "max_iters": 12, "steps": [10], "warmup_iters": 3},
-        "train": {"batch_size": 4, "log_every": 3, "eval_every": 0, "checkpoint_every_iters": 6, **train},
+        "train": {"batch_size": 4, "log_every": 3, "eval_every": 0, "checkpoint_every_iters": 6, "log_interval": 1,
+                  **train},
     }
     path.write_text(yaml.safe_dump(config))
     return path

@@ -191,6 +191,8 @@ class TrainConfig(Section):
     eval_every: int = Field(1, ge=0, le=10_000, description="evaluate every N epochs (0: only at the end)")
     checkpoint_every_iters: Optional[int] = Field(None, ge=1)
     log_every: int = Field(50, ge=1, le=1_000_000, description="iterations per pull of the records")
+    log_interval: int = Field(50, ge=1, le=1_000_000,
+                              description="iterations per MLflow point (mean losses; 1: every iteration), as mmengine's LoggerHook interval")
     eval_batch_size: Optional[int] = Field(None, ge=1, le=1024, description="default: batch_size")
     eval_max_images: Optional[int] = Field(None, ge=1, description="evaluate the first N test images only")
     group_by_aspect_ratio: Optional[bool] = Field(
