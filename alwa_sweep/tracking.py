@@ -359,6 +359,9 @@ class MlflowHook(TrainingHook):
         if run.info.status != "RUNNING":
             self.client.update_run(self.run_id, status="RUNNING")
         self._config = config
+        # the config's switches, unless the caller turned them on already
+        self.system_metrics = self.system_metrics or config.train.system_metrics
+        self.log_model = self.log_model or config.train.log_model
         resolved = config.dump()
         existing = run.data.params
         params = [Param(k, _param_value(v)) for k, v in sorted(flatten(resolved).items()) if k not in existing]

@@ -133,8 +133,9 @@ PARAM_CLS_WEIGHT = "weighting.cls"
 PARAM_REG_WEIGHT = "weighting.reg"
 # Params that do not change what a trial computes: seeds of one config are averaged over
 # trials that differ only in PARAM_SEED and these.
-PARAMS_NOT_CONFIG = ("train.device", "dataset.num_workers", "train.log_every",
-                     "train.checkpoint_every_iters", "train.eval_batch_size")
+PARAMS_NOT_CONFIG = ("train.device", "dataset.num_workers", "train.log_every", "train.log_interval",
+                     "train.checkpoint_every_iters", "train.eval_batch_size", "train.system_metrics",
+                     "train.log_model")
 
 # ---- the MLflow UI (alwa-sweep ui) ------------------------------------------------------
 # MLflow 3's UI opens an experiment on its GenAI pages unless the experiment says it holds

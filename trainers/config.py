@@ -192,7 +192,10 @@ class TrainConfig(Section):
     checkpoint_every_iters: Optional[int] = Field(None, ge=1)
     log_every: int = Field(50, ge=1, le=1_000_000, description="iterations per pull of the records")
     log_interval: int = Field(50, ge=1, le=1_000_000,
-                              description="iterations per MLflow point (mean losses; 1: every iteration), as mmengine's LoggerHook interval")
+                              description="iterations per MLflow point (mean losses; 1: every iteration), as "
+                              "mmdetection's log_config interval (configs/_base_/default_runtime.py)")
+    system_metrics: bool = Field(False, description="sample CPU/GPU/memory into MLflow (system/…)")
+    log_model: bool = Field(False, description="upload the final checkpoint as the run's model/ artifact")
     eval_batch_size: Optional[int] = Field(None, ge=1, le=1024, description="default: batch_size")
     eval_max_images: Optional[int] = Field(None, ge=1, description="evaluate the first N test images only")
     group_by_aspect_ratio: Optional[bool] = Field(

@@ -36,7 +36,8 @@ def test_typed_loader_expands_every_shipped_spec_as_before(spec_file, monkeypatc
         assert not changed, f"{spec_file} {trial.name}: {changed}"
 
 
-SHIPPED = sorted((Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml"))
+SHIPPED = sorted(p for p in (Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml")
+                 if p.name != "released.yaml")  # the authors' settings, not a spec
 
 
 @pytest.mark.parametrize("spec_file", SHIPPED, ids=lambda p: p.name)
