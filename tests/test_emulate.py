@@ -261,3 +261,63 @@ def test_emulated_learnable_weights_get_their_own_rank_gradient(synthetic_voc, t
     assert float(run.weightings[1].log_var_cls) == pytest.approx(-0.01 * (1 - cls_loss), rel=1e-5)
     assert float(run.weightings[1].log_var_reg) == pytest.approx(-0.01 * (1 - reg_loss), rel=1e-5)
     assert float(run.weightings[0].log_var_cls) != float(run.weightings[1].log_var_cls)
+
+
+def emulate_spec(data: dict, **resources) -> dict:
+    return {
+        "name": "emulated", "experiment": "emulate-test",
+        "base": {"dataset": {"kind": "voc", "root": str(data["root"]), "train_sets": data["train_sets"],
+                             "test_sets": data["test_sets"], "scale": [128, 128], "num_workers": 0},
+                 "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
+                 "schedule": {"unit": "iter", "max_iters": 8, "steps": [6]},
+                 "train": {"batch_size": 2}},
+        "grid": {"weighting": [{"method": "fixed", "cls": c, "reg": 1.0} for c in (0.25, 0.5, 1.0, 2.0, 4.0)]},
+        "resources": {"cpus_per_worker": 1, "gpus_per_worker": 1, **resources},
+        "estimate": {"hours_per_trial": 6.0},
+    }
+
+
+def test_spec_resources_set_every_trials_emulated_workers(synthetic_voc, tmp_path):
+    from alwa_sweep.spec import load_spec
+
+    spec = load_spec(emulate_spec(synthetic_voc, workers=1, emulate_workers=4), check_paths=False)
+    assert [t.config.train.emulate_workers for t in spec.trials] == [4] * 5
+    assert spec.resources.ranks == 4
+    assert "emulate_workers" not in spec.raw["base"].get("train", {})  # spec.yaml keeps the spec as written
+    plain = load_spec(emulate_spec(synthetic_voc, workers=4), check_paths=False)
+    assert [t.config.train.emulate_workers for t in plain.trials] == [1] * 5
+    bad = emulate_spec(synthetic_voc, workers=1, emulate_workers=4)
+    bad["base"]["train"]["emulate_workers"] = 2
+    with pytest.raises(ConfigError, match="resources.emulate_workers"):
+        load_spec(bad, check_paths=False)
+    bad = emulate_spec(synthetic_voc)
+    bad["grid"] = {"train.emulate_workers": [1, 2]}
+    with pytest.raises(ConfigError, match="resources.emulate_workers"):
+        load_spec(bad, check_paths=False)
+
+
+def test_validate_prints_the_makespan_of_each_layout(synthetic_voc, tmp_path, capsys):
+    """5 trials of 4 DDP ranks, 6 h each on 4 GPUs, on 8 GPUs. By hand: 4 workers × 1: 2
+    trials at once, ceil(5/2) = 3 waves × 6 h = 18 h; 2 × 2: 4 at once, 2 waves × 12 h =
+    24 h; 1 × 4: 5 at once (of 8 slots), 1 wave × 24 h = 24 h."""
+    import yaml
+
+    from alwa_sweep.cli import main
+    from alwa_sweep.commands.validate import layouts
+    from alwa_sweep.spec import load_spec
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(emulate_spec(synthetic_voc, workers=4)))
+    assert main(["validate", str(path), "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "4 worker(s) x 1 emulated (spec)" in out and "18.0 h" in out and "24.0 h" in out
+    found = {(l.workers, l.emulate_workers): l for l in layouts(load_spec(str(path)), 8)}
+    assert {key: (l.concurrent, l.trial_time, l.makespan) for key, l in found.items()} == {
+        (4, 1): (2, 6.0, 18.0), (2, 2): (4, 12.0, 24.0), (1, 4): (5, 24.0, 24.0)}
+    # the same trials written as 1 worker × 4 emulated, measured at 24 h per trial
+    spec = load_spec(emulate_spec(synthetic_voc, workers=1, emulate_workers=4, ) | {"estimate": {"hours_per_trial": 24.0}},
+                     check_paths=False)
+    assert {(l.workers, l.makespan) for l in layouts(spec, 8)} == {(4, 18.0), (2, 24.0), (1, 24.0)}
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one paragraph, exit 2
+        main(["validate", str(path), "--gpus", "0"])
+    assert exit_info.value.code == 2 and "--gpus" in capsys.readouterr().err
