@@ -92,18 +92,24 @@ class RankBatchSampler(Sampler):
     batches are those of ``DataLoader(batch_size=…, sampler=EpochSampler(…))``.
     :meth:`micro_batches` cuts a collated step back into the virtual ranks' batches.
 
-    Self-contained: it composes ``EpochSampler``s and nothing else uses it.
+    Self-contained: it composes per-rank samplers. ``make_sampler(rank, world_size)``
+    builds another one per virtual rank (any :class:`EpochSampler`-like object:
+    ``set_epoch(epoch, start)``, ``per_rank``, iterating ``(index, flip)``; e.g. an
+    aspect-ratio group sampler); the default is :class:`EpochSampler`.
     """
 
     def __init__(self, dataset_size: int, *, seed: int, flip_prob: float, batch_size: int,
-                 emulate: int = 1, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+                 emulate: int = 1, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 make_sampler=None):
         if emulate < 1 or batch_size < 1:
             raise ValueError(f"emulate ({emulate}) and batch_size ({batch_size}) must be >= 1")
         self.batch_size = batch_size
         self.emulate = emulate
-        self.ranks = [EpochSampler(dataset_size, seed=seed, flip_prob=flip_prob, shuffle=shuffle,
-                                   rank=rank * emulate + k, world_size=world_size * emulate)
-                      for k in range(emulate)]
+        if make_sampler is None:
+            def make_sampler(virtual_rank: int, virtual_world: int) -> EpochSampler:
+                return EpochSampler(dataset_size, seed=seed, flip_prob=flip_prob, shuffle=shuffle,
+                                    rank=virtual_rank, world_size=virtual_world)
+        self.ranks = [make_sampler(rank * emulate + k, world_size * emulate) for k in range(emulate)]
         self.per_rank = self.ranks[0].per_rank  # samples per virtual rank and epoch
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
