@@ -299,6 +299,32 @@ def check_model(data: dict, backbone: str, amp: bool, iters: int, eval_images: i
                   f"{result['eval_s']:.1f} s ({eval_images / result['eval_s']:.1f} img/s), "
                   f"mAP {result['eval_map']:.4f}")
         out[label] = result
+    if amp:
+        emulated_throughput(data, backbone, iters, out[label])
+
+
+def emulated_throughput(data: dict, backbone: str, iters: int, result: dict) -> None:
+    """img/s of the engine emulating 2 workers (2 micro-batches of 2 per step) against the
+    plain engine's (``result``), and its peak memory: the emulation's own cost."""
+    from trainers.config import load_config
+    from trainers.engine import Run
+
+    config = load_config(config_for(data, backbone, True, emulate=2))
+    with tempfile.TemporaryDirectory() as workdir:
+        run = Run(config, torch.device(DEVICE), Path(workdir), make_hook())
+        batches = TimedBatches(run.loader, run.sampler)
+        timed(engine_round, run, batches, max(5, iters // 20))
+        if _cuda():
+            torch.cuda.reset_peak_memory_stats()
+        count = max(1, iters // 2)
+        seconds = timed(engine_round, run, batches, count)
+        batches.close()
+        rate = count * 2 * config.train.batch_size / seconds
+        peak = torch.cuda.max_memory_allocated() / 2**30 if _cuda() else 0.0
+    result["emulated2_img_s"] = rate
+    result["emulated2_peak_gib"] = peak
+    print(f"  emulating 2 workers: {rate:.1f} img/s ({rate / result['engine_img_s']:.3f} of the plain engine's), "
+          f"peak memory {peak:.2f} GiB")
 
 
 # ---- emulated vs real workers on CUDA -------------------------------------------------------
