@@ -6,7 +6,6 @@ workers, step by step (α of each rank, losses, parameters), and resume bit for 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
