@@ -14,6 +14,8 @@ of mmdetection's config diffs but readable in one screen::
         - {method: alwa, variant: 1}
     seeds: [0]                        # repeats: one trial per seed
     resources: {workers: 4, cpus_per_worker: 4, gpus_per_worker: 1}
+                                      # or {workers: 1, emulate_workers: 4, …}: the same
+                                      # 4 DDP ranks, played by one process (slower, 1 GPU)
     scheduler: {type: none}           # or {type: asha, grace_period: 2, reduction_factor: 2}
     max_concurrent: null
     max_failures: 2                   # retries of a killed trial, from its last checkpoint
@@ -53,6 +55,10 @@ class Resources(Section):
     """Per trial: DDP workers and what each one reserves."""
 
     workers: int = Field(1, ge=1, le=1024, description="DDP workers (processes) per trial")
+    emulate_workers: int = Field(
+        1, ge=1, le=64, description="DDP workers each process plays (sets train.emulate_workers of every "
+        "trial): a trial trains as workers x emulate_workers DDP ranks of train.batch_size images, exactly "
+        "(per-rank weighting state and random streams; trainers/distributed.py), on workers processes")
     cpus_per_worker: float = Field(1, ge=0, le=1024)
     gpus_per_worker: float = Field(0, ge=0, le=64)
     resources_per_worker: dict[str, float] = Field(
@@ -79,6 +85,11 @@ class Resources(Section):
             raise ConfigError("resources.gpus_per_worker", "fractional GPUs are for single-worker trials.",
                               "Use whole GPUs per worker for multi-worker (DDP) trials.")
         return self
+
+    @property
+    def ranks(self) -> int:
+        """The DDP ranks a trial trains as (real workers × emulated per worker)."""
+        return self.workers * self.emulate_workers
 
 
 class Scheduler(Section):
@@ -366,7 +377,11 @@ def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool =
         raise ConfigError("grid", f"expands to {size:,} trials, more than max_trials = {top.max_trials:,}.",
                           "Narrow the grid, or raise max_trials in the spec if you mean it.")
     name = top.name or (Path(source).stem if isinstance(source, (str, Path)) else "sweep")
+    _refuse_emulate_in_configs(top)
     base = _absolute_dataset_paths(top.base)
+    # One place of truth: resources.emulate_workers becomes every trial's train.emulate_workers
+    # (what the engine reads and MLflow records); spec.yaml keeps the spec as written.
+    emulate = {"train.emulate_workers": top.resources.emulate_workers}
     raw = {**raw, "base": base}
     trials, problems, seen_configs = [], [], set()
     for combo in expand_grid(top.grid, top.seeds):
@@ -375,7 +390,7 @@ def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool =
             flat = {}
             for axis, value in combo.items():
                 flat.update(_axis_overrides(axis, value))
-            config = parse_config(apply_overrides(base, flat))
+            config = parse_config(apply_overrides(base, {**flat, **emulate}))
             if check_paths:
                 check_dataset_paths(config)
         except ConfigErrors as exc:
@@ -396,6 +411,27 @@ def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool =
                 trials=trials, resources=top.resources, scheduler=top.scheduler,
                 max_concurrent=top.max_concurrent, max_failures=top.max_failures, estimate=top.estimate,
                 raw=raw)
+
+
+def _refuse_emulate_in_configs(top: SpecFile) -> None:
+    """``train.emulate_workers`` is a resource of the sweep: set in ``resources`` only."""
+    train = top.base.get("train")
+    where = None
+    if isinstance(train, dict) and "emulate_workers" in train:
+        where = "base.train.emulate_workers"
+    else:
+        for combo in expand_grid(top.grid, top.seeds) if isinstance(top.grid, (dict, list)) else []:
+            try:
+                flat = {key: None for axis, value in combo.items() for key in _axis_overrides(axis, value)}
+            except UserInputError:
+                continue  # reported with the trial's other problems
+            if "train.emulate_workers" in flat:
+                where = "grid: train.emulate_workers"
+                break
+    if where is not None:
+        raise ConfigError(where, "is set in the spec's training configs, but a sweep's emulated workers are "
+                          "a resource of every trial.",
+                          "Remove it and set resources.emulate_workers (e.g. --set resources.emulate_workers=4).")
 
 
 def _grouped(problems: list[tuple[str, UserInputError]], total: int) -> UserInputError:

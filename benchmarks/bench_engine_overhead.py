@@ -38,13 +38,14 @@ import itertools
 import statistics
 import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from trainers.config import load_config
 from trainers.data.synthetic import make_synthetic
-from trainers.engine import TrainingHook, _Position, _Run, _to_device, _weighted_total, train_one_epoch
+from trainers.engine import Run, TrainingHook, _to_device, _weighted_total, train_one_epoch
 from trainers.records import RecordBuffer, first_non_finite
 from trainers.weighting import build_weighting
 
@@ -62,12 +63,28 @@ def benchmark_config(data: dict, batch_size: int) -> dict:
         "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
         "weighting": {"method": "alwa", "variant": 1, "interval": 20},
         "optimizer": {"lr": 0.01},
-        "schedule": {"unit": "iter", "max_iters": 10**9, "steps": [], "warmup_iters": 0},
+        "schedule": {"unit": "iter", "max_iters": 10**8, "steps": [], "warmup_iters": 0},
         "train": {"batch_size": batch_size, "log_every": LOG_EVERY, "eval_every": 0, "device": "cpu"},
     }
 
 
-def preload_batches(run: _Run) -> list:
+class Stamps(TrainingHook):
+    """The hook the benchmarked run is built with: ``on_iteration`` calls whatever the
+    current round set; ``log_iterations`` keeps the last logged loss (the engine's own
+    ``Run.flush`` pulls the records every LOG_EVERY iterations and stops on a NaN)."""
+
+    def __init__(self):
+        self.callback = lambda iteration: None
+        self.last_loss = None
+
+    def on_iteration(self, iteration):
+        self.callback(iteration)
+
+    def log_iterations(self, rows):
+        self.last_loss = rows[-1]["train/loss"]
+
+
+def preload_batches(run: Run) -> list:
     """One epoch of the engine's own loader (real images, flips and collation), kept in memory."""
     run.sampler.set_epoch(0)
     return list(run.loader)
@@ -118,7 +135,7 @@ class PairedLoader:
             yield images, targets
 
 
-def paired_round(run: _Run, position: _Position, buffer: RecordBuffer, flush, batches: list) -> dict:
+def paired_round(run: Run, stamps: Stamps, batches: list) -> dict:
     """One round of ``len(batches)`` bare steps interleaved with as many engine steps.
 
     An engine step's time runs from one ``on_iteration`` hook to the next (the records'
@@ -131,10 +148,10 @@ def paired_round(run: _Run, position: _Position, buffer: RecordBuffer, flush, ba
         wall_stamps.append(time.perf_counter())
         cpu_stamps.append(time.process_time())
 
-    run.on_iteration = on_iteration
+    stamps.callback = on_iteration
     run.loader = loader = PairedLoader(run.model, run.optimizer, batches)
-    position.epoch_batches = 0  # train_one_epoch only reads it for checkpoints (disabled)
-    train_one_epoch(run, position, buffer, flush, checkpoint=lambda: None)
+    run.position.epoch_batches = 0  # train_one_epoch only reads it for checkpoints (disabled)
+    train_one_epoch(run)
     wall_stamps[-1], cpu_stamps[-1] = time.perf_counter(), time.process_time()
     return {
         "engine_wall": [b - a - bare for a, b, bare in zip(wall_stamps, wall_stamps[1:], loader.bare_wall)],
@@ -144,12 +161,12 @@ def paired_round(run: _Run, position: _Position, buffer: RecordBuffer, flush, ba
     }
 
 
-def engine_additions_alone(run: _Run, batches: list, iterations: int) -> float:
+def engine_additions_alone(run: Run, batches: list, iterations: int) -> float:
     """Seconds per step of the engine's host work around the model, the model's losses
     replaced by constants (a fresh ALWA, so the benchmarked run's weighting is untouched).
     It also charges the making of the constant losses; it leaves out only the backward
     of the few autograd nodes the weighting adds (scalar products)."""
-    stand_in = SimpleNamespace(head=run.head, weighting=build_weighting(run.config["weighting"]))
+    stand_in = SimpleNamespace(head=run.head, weighting=build_weighting(run.config.weighting))
     leaf = torch.ones((), requires_grad=True)
     names = ("rpn_cls", "rpn_reg", "roi_cls", "roi_reg")
     buffer, last_loss = RecordBuffer(), [None]
@@ -198,19 +215,18 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = make_synthetic(tmp, format="voc", images=64, seed=0)
         config = load_config(benchmark_config(data, args.batch_size))
-        run = _Run(config, torch.device("cpu"))
+        stamps = Stamps()
+        run = Run(config, torch.device("cpu"), Path(tmp) / "run", stamps)
         distinct = preload_batches(run)
     batches = list(itertools.islice(itertools.cycle(distinct), iters))
-    position, buffer, last_loss = _Position(), RecordBuffer(), [None]
-    flush = make_flush(buffer, TrainingHook(), last_loss)
 
     print(f"tiny Faster R-CNN, batch {args.batch_size} of 128 px images ({len(distinct)} distinct batches), "
           f"ALWA_1 (interval 20), records pulled every {LOG_EVERY} iterations, "
           f"torch threads {torch.get_num_threads()}, {num_rounds} rounds x {iters} interleaved step pairs")
-    paired_round(run, position, buffer, flush, batches[:LOG_EVERY // 2])  # warm-up, not measured
+    paired_round(run, stamps, batches[:LOG_EVERY // 2])  # warm-up, not measured
     rounds = []
     for index in range(num_rounds):
-        rounds.append(paired_round(run, position, buffer, flush, batches))
+        rounds.append(paired_round(run, stamps, batches))
         engine, bare = statistics.fmean(rounds[-1]["engine_wall"]), statistics.fmean(rounds[-1]["bare_wall"])
         print(f"  round {index + 1:2d}: engine {engine * 1e3:7.2f} ms/step   bare {bare * 1e3:7.2f} ms/step   "
               f"ratio {engine / bare:.3f}")
@@ -219,7 +235,7 @@ def main(argv=None) -> int:
     engine, bare, ratio = median_block_ratio(rounds, "engine_wall", "bare_wall")
     engine_cpu, bare_cpu, ratio_cpu = median_block_ratio(rounds, "engine_cpu", "bare_cpu")
     pair_ratios = [e / b for r in rounds for e, b in zip(r["engine_wall"], r["bare_wall"])]
-    print(f"last logged train/loss {last_loss[0]:.4f}: finite, both loops trained a live model")
+    print(f"last logged train/loss {stamps.last_loss:.4f}: finite, both loops trained a live model")
     print(f"wall clock, per step amortised over a round (median of {num_rounds} rounds): "
           f"engine {engine * 1e3:.2f} ms, bare {bare * 1e3:.2f} ms")
     print(f"  engine / bare: median of per-round ratios {ratio:.3f} -> overhead {100 * (ratio - 1):+.1f} %; "

@@ -44,8 +44,7 @@ from mlflow.tracking import MlflowClient
 from alwa_sweep.tracking import MlflowHook, get_or_create_experiment, open_store, sqlite_uri
 from trainers.config import load_config
 from trainers.data.synthetic import make_synthetic
-from trainers.engine import _Position, _Run, train_one_epoch
-from trainers.records import RecordBuffer
+from trainers.engine import Run, TrainingHook, train_one_epoch
 
 CLAIMED_SHARE = 0.01
 LOG_EVERY = 50  # the engine's default train.log_every
@@ -61,7 +60,7 @@ def benchmark_config(data: dict) -> dict:
         "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
         "weighting": {"method": "alwa", "variant": 1, "interval": 20},
         "optimizer": {"lr": 0.01},
-        "schedule": {"unit": "iter", "max_iters": 10**9, "steps": [], "warmup_iters": 0},
+        "schedule": {"unit": "iter", "max_iters": 10**8, "steps": [], "warmup_iters": 0},
         "train": {"batch_size": 4, "log_every": LOG_EVERY, "eval_every": 0, "device": "cpu"},
     }
 
@@ -72,17 +71,32 @@ def clocks() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def engine_round(run: _Run, position: _Position, buffer: RecordBuffer, batches: list):
+class Rows(TrainingHook):
+    """The benchmarked run's hook: stamps every step, keeps the rows the engine's own
+    ``Run.flush`` pulls (every LOG_EVERY iterations, i.e. at the end of a round)."""
+
+    def __init__(self):
+        self.stamps, self.rows = [], []
+
+    def on_iteration(self, iteration):
+        self.stamps.append(clocks())
+
+    def log_iterations(self, rows):
+        self.rows.extend(rows)
+
+
+def engine_round(run: Run, hook: Rows, batches: list):
     """``len(batches)`` engine steps; returns the median step (wall, CPU) in seconds
     and the pulled rows."""
-    stamps = [clocks()]
-    run.on_iteration = lambda iteration: stamps.append(clocks())
+    hook.stamps, hook.rows = [clocks()], []
     run.loader = batches
-    position.epoch_batches = 0  # train_one_epoch only reads it for checkpoints (disabled)
-    train_one_epoch(run, position, buffer, flush=lambda: None, checkpoint=lambda: None)
+    run.position.epoch_batches = 0  # train_one_epoch only reads it for checkpoints (disabled)
+    train_one_epoch(run)
+    run.flush()  # what a round shorter than LOG_EVERY left in the records
+    stamps = hook.stamps
     wall = statistics.median(b[0] - a[0] for a, b in zip(stamps, stamps[1:]))
     cpu = statistics.median(b[1] - a[1] for a, b in zip(stamps, stamps[1:]))
-    return (wall, cpu), buffer.pull()
+    return (wall, cpu), hook.rows
 
 
 def project_logging(logger: MlflowHook, rows: list[dict]) -> tuple[float, float]:
@@ -106,7 +120,7 @@ def open_logger(store: Path, config: dict) -> MlflowHook:
     client = open_store(sqlite_uri(store / "mlflow.db"))
     experiment = get_or_create_experiment(client, "bench-logging")
     logger = MlflowHook.create(client, experiment, "batched")
-    logger.start(config, 0, config["schedule"]["max_iters"])
+    logger.start(config, 0, config.schedule.max_iters)
     return logger
 
 
@@ -132,27 +146,27 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         data = make_synthetic(tmp / "data", format="voc", images=64, seed=0)
         config = load_config(benchmark_config(data))
-        run = _Run(config, torch.device("cpu"))
+        hook = Rows()
+        run = Run(config, torch.device("cpu"), tmp / "run", hook)
         run.sampler.set_epoch(0)
         batches = list(itertools.islice(itertools.cycle(list(run.loader)), LOG_EVERY))
         logger = open_logger(tmp / "batched", config)
         naive_run = open_naive_run(tmp / "naive")
-        position, buffer = _Position(), RecordBuffer()
 
         print(f"tiny Faster R-CNN, batch 4 of 128 px images, ALWA_1 (interval 20), torch threads "
               f"{torch.get_num_threads()}; {num_rounds} rounds of {LOG_EVERY} iterations, "
               f"each logged to fresh SQLite stores")
         # Warm-up (first-call paths of the model and of both stores), not measured.
-        _, rows = engine_round(run, position, buffer, batches[:WARM_UP])
+        _, rows = engine_round(run, hook, batches[:WARM_UP])
         project_logging(logger, rows)
         naive_logging(naive_run, rows)
 
         steps, busy_steps, batched, naive, writer_work, metrics_per_row = [], [], [], [], [], []
         logger.wait()
         for index in range(num_rounds):
-            (step, _), rows = engine_round(run, position, buffer, batches)
+            (step, _), rows = engine_round(run, hook, batches)
             queued_wall, _ = project_logging(logger, rows)
-            (busy_step, _), next_rows = engine_round(run, position, buffer, batches)  # writer busy
+            (busy_step, _), next_rows = engine_round(run, hook, batches)  # writer busy
             logger.wait()
             start = time.perf_counter()
             project_logging(logger, next_rows)

@@ -201,6 +201,12 @@ class TrainConfig(Section):
     group_by_aspect_ratio: Optional[bool] = Field(
         None, description="batches of landscape or of portrait images only, as mmdetection's GroupSampler "
         "(mmdet/datasets/builder.py); default: true under model.parity mmdet")
+    emulate_workers: int = Field(
+        1, ge=1, le=64, description="DDP workers each process plays: every step trains on that many "
+        "micro-batches of batch_size images, each with its own weighting state (ALWA's per-GPU records "
+        "and alpha), gradients averaged as DDP averages them, one optimizer step; composes with real "
+        "workers (R processes x N emulated = R*N DDP ranks). 4 on one GPU is the paper's 4 GPUs x 2 "
+        "images. A sweep spec sets it with resources.emulate_workers (trainers/distributed.py)")
 
 
 class EvaluationConfig(Section):
@@ -239,6 +245,9 @@ class TrainingConfig(Section):
         if model.min_size > model.max_size:
             raise ConfigError("model.min_size", f"{model.min_size} is larger than model.max_size "
                               f"{model.max_size}.", "min_size is the short side, max_size the long-side cap.")
+        from trainers.distributed import check_emulation
+
+        check_emulation(self)
         heads = TWO_STAGE_HEADS if two_stage else ("retina",)
         head = self.weighting.head
         if head == "auto":

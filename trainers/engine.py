@@ -18,7 +18,14 @@ What the loop guarantees:
   rank, only rank 0 logs and checkpoints, evaluation gathers all ranks' detections.
   The weighting method runs per rank on that rank's losses, as in the released ALWA
   code (``weighting.sync_records`` all-reduces ALWA's records instead); checkpoints
-  hold rank 0's weighting and RNG state.
+  hold rank 0's weighting and RNG state;
+- emulated workers (``train.emulate_workers = N``, :mod:`trainers.distributed`): each
+  step trains N micro-batches as N DDP ranks would, each with its own weighting module
+  and random stream, one optimizer step on the averaged gradient. Checkpoints hold every
+  emulated rank's weighting and random state (``weighting_ranks``, ``rng["ranks"]``), so
+  a resumed run continues bit for bit. The rows hold the mean over the micro-batches of
+  ``train/loss`` and every ``train/*`` loss, and emulated rank 0's weights
+  (``weight/*``, ``window/*``), the ones the released code logs (rank 0's).
 """
 
 from __future__ import annotations
@@ -27,12 +34,14 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
@@ -44,7 +53,7 @@ from trainers.data.transforms import collate_fn
 from trainers.detectors import build_detector
 from trainers.evaluation import coco_evaluate, voc_map
 from trainers.records import RecordBuffer, first_non_finite
-from trainers.sampling import EpochSampler, FlipOnRequest, GroupedEpochSampler, aspect_ratio_flags
+from trainers.sampling import FlipOnRequest, GroupedEpochSampler, RankBatchSampler, aspect_ratio_flags
 from trainers.schedule import build_schedule
 from trainers.weighting import WeightOverflowError, build_weighting
 
@@ -143,10 +152,17 @@ class Run:
         model = build_detector(model_cfg).to(device)
         self.head = config.weighting.head
         model.weighted_head = self.head  # the head whose KPIs the detector reports (DTP)
-        self.weighting = build_weighting(config.weighting)
-        self.weighting.to(device)  # learnable weights must live where the optimizer's state will
-        params = list(model.parameters()) + list(self.weighting.parameters())
+        # One weighting module per emulated worker (one in a plain run): the released ALWA
+        # keeps its records and α per GPU. weightings[0] is the one logged and `weighting`.
+        self.emulate = train_cfg.emulate_workers
+        self.weightings = nn.ModuleList([build_weighting(config.weighting) for _ in range(self.emulate)])
+        self.weightings.to(device)  # learnable weights must live where the optimizer's state will
+        self.weighting = self.weightings[0]
+        params = list(model.parameters()) + list(self.weightings.parameters())
         self.optimizer = build_optimizer(config.optimizer, params)
+        # Emulated rank k's learnable weights get k's own gradient (DDP does not average them).
+        self.weighting_params = list(self.weightings.parameters()) if self.emulate > 1 else []
+        self.buffer_keeper = dist_utils.BufferKeeper(model) if self.emulate > 1 else None
         if dist_utils.is_distributed():
             model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -154,17 +170,19 @@ class Run:
         self.amp = train_cfg.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
-        if train_cfg.group_by_aspect_ratio:  # mmdetection's GroupSampler, per rank
-            self.sampler = GroupedEpochSampler(aspect_ratio_flags(self.train_set), train_cfg.batch_size,
-                                               seed=train_cfg.seed, flip_prob=dataset_cfg.flip,
-                                               rank=dist_utils.rank(), world_size=dist_utils.world_size())
-        else:
-            self.sampler = EpochSampler(len(self.train_set), seed=train_cfg.seed,
-                                        flip_prob=dataset_cfg.flip, rank=dist_utils.rank(),
-                                        world_size=dist_utils.world_size())
+        make_sampler = None  # (None: an EpochSampler per virtual rank)
+        if train_cfg.group_by_aspect_ratio:  # mmdetection's GroupSampler, per (virtual) rank
+            flags = aspect_ratio_flags(self.train_set)
+            def make_sampler(rank: int, world_size: int) -> GroupedEpochSampler:
+                return GroupedEpochSampler(flags, train_cfg.batch_size, seed=train_cfg.seed,
+                                           flip_prob=dataset_cfg.flip, rank=rank, world_size=world_size)
+        self.sampler = RankBatchSampler(len(self.train_set), seed=train_cfg.seed, flip_prob=dataset_cfg.flip,
+                                        batch_size=train_cfg.batch_size, emulate=self.emulate,
+                                        rank=dist_utils.rank(), world_size=dist_utils.world_size(),
+                                        make_sampler=make_sampler)
         workers = dataset_cfg.num_workers
         self.loader = DataLoader(
-            FlipOnRequest(self.train_set), batch_size=train_cfg.batch_size, sampler=self.sampler,
+            FlipOnRequest(self.train_set), batch_sampler=self.sampler,
             num_workers=workers, collate_fn=collate_fn, pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
             # An explicit generator keeps DataLoader from drawing worker seeds from the
@@ -173,6 +191,8 @@ class Run:
         self.iters_per_epoch = math.ceil(self.sampler.per_rank / train_cfg.batch_size)
         self.schedule = build_schedule(config.schedule, config.optimizer.lr, self.iters_per_epoch)
         self.num_epochs = math.ceil(self.schedule.total_iters / self.iters_per_epoch)
+        # Every emulated rank's random stream starts where a DDP rank's would: here.
+        self.streams = dist_utils.RankStreams(self.emulate, device) if self.emulate > 1 else None
 
     # ---- records and checkpoints -------------------------------------------------------
     def flush(self) -> None:
@@ -208,7 +228,7 @@ class Run:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         position = self.position
-        return {
+        state = {
             "model": _unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -218,24 +238,46 @@ class Run:
             "epoch": position.epoch,
             "epoch_batches": position.epoch_batches,
             "evaluations": self.evaluations,
+            "emulate_workers": self.emulate,
         }
+        if self.emulate > 1:
+            # Every emulated rank's weighting and random stream (under real DDP, rank 0
+            # saves its own emulated ranks, as it saves only its own weighting otherwise).
+            state["weighting_ranks"] = [weighting.state_dict() for weighting in self.weightings]
+            rng["ranks"] = self.streams.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        saved_workers = int(state.get("emulate_workers", 1))
+        if saved_workers != self.emulate:
+            raise ConfigError("train.emulate_workers", f"is {self.emulate}, but the checkpoint was written by "
+                              f"a run with {saved_workers}: the data shards, weighting states and "
+                              "random streams of the emulated workers would not line up.",
+                              f"Resume with train.emulate_workers: {saved_workers} (resources.emulate_workers "
+                              "in a spec), or start afresh.")
         _unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.weighting.load_state_dict(state["weighting"])
+        if self.emulate > 1:
+            for weighting, weighting_state in zip(self.weightings, state["weighting_ranks"], strict=True):
+                weighting.load_state_dict(weighting_state)
+        else:
+            self.weighting.load_state_dict(state["weighting"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        if self.emulate > 1:
+            self.streams.load_state_dict(state["rng"]["ranks"])
         self.position = Position(state["iteration"], state["epoch"], state["epoch_batches"])
         self.evaluations = list(state.get("evaluations", []))
 
 
-def _weighted_total(run: Run, raw_losses: dict, kpis) -> tuple[torch.Tensor, dict]:
-    """Apply the weighting method to its head's (cls, reg) pair; other losses keep weight 1."""
+def _weighted_total(run: Run, raw_losses: dict, kpis, weighting=None) -> tuple[torch.Tensor, dict]:
+    """Apply the weighting method (``run.weighting``, or an emulated rank's) to its head's
+    (cls, reg) pair; other losses keep weight 1."""
+    weighting = run.weighting if weighting is None else weighting
     cls_key, reg_key = f"{run.head}_cls", f"{run.head}_reg"
-    cls_w, reg_w = run.weighting(raw_losses[cls_key], raw_losses[reg_key], kpis=kpis)
+    cls_w, reg_w = weighting(raw_losses[cls_key], raw_losses[reg_key], kpis=kpis)
     total = cls_w + reg_w
     for key, value in raw_losses.items():
         if key not in (cls_key, reg_key):
@@ -244,9 +286,44 @@ def _weighted_total(run: Run, raw_losses: dict, kpis) -> tuple[torch.Tensor, dic
     values.update({metric_train(key): value for key, value in raw_losses.items()})
     values[metric_weighted(run.head, "cls")] = cls_w
     values[metric_weighted(run.head, "reg")] = reg_w
-    for name, value in run.weighting.log_values().items():
+    for name, value in weighting.log_values().items():
         values[name if "/" in name else metric_weight(name)] = value
     return total, values
+
+
+def _emulated_backward(run: Run, images, targets) -> dict:
+    """One step's forward and backward as ``run.emulate`` DDP ranks: micro-batch k through
+    emulated rank k's weighting and random stream, backward of ``loss_k / N`` (gradients
+    accumulate; under real DDP only the last backward all-reduces). Returns the row:
+    losses averaged over the micro-batches, weights of emulated rank 0."""
+    model, scaler, count = run.model, run.scaler, run.emulate
+    ddp = isinstance(model, DistributedDataParallel)
+    rows = []
+    for k, (images_k, targets_k) in enumerate(run.sampler.micro_batches(images, targets)):
+        run.streams.enter(k)
+        with model.no_sync() if ddp and k < count - 1 else nullcontext():
+            with torch.autocast(run.device.type, enabled=run.amp):
+                raw_losses = model(images_k, targets_k)
+            if k == 0:
+                run.buffer_keeper.keep()  # rank 0's running statistics are the ones DDP keeps
+            try:
+                total, values = _weighted_total(run, raw_losses, getattr(_unwrap(model), "kpis", None),
+                                                run.weightings[k])
+            except WeightOverflowError as exc:
+                raise Diverged(STATUS_OVERFLOW, f"iteration {run.position.iteration + 1}, emulated worker "
+                               f"{k}: {exc}") from exc
+            scaler.scale(total / count).backward()
+        run.streams.leave(k)
+        rows.append(values)
+    run.buffer_keeper.restore()
+    for param in run.weighting_params:
+        if param.grad is not None:
+            param.grad.mul_(count)
+    row = dict(rows[0])
+    for name in row:  # losses: the mean over the micro-batches (float32 averaging on the device)
+        if name == METRIC_LOSS or name.startswith("train/"):
+            row[name] = torch.stack([r[name].detach().float() for r in rows]).mean()
+    return row
 
 
 def train_one_epoch(run: Run) -> None:
@@ -263,14 +340,18 @@ def train_one_epoch(run: Run) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, targets = _to_device(images, targets, run.device)
-        with torch.autocast(run.device.type, enabled=run.amp):
-            raw_losses = model(images, targets)
-        try:
-            total, values = _weighted_total(run, raw_losses, getattr(_unwrap(model), "kpis", None))
-        except WeightOverflowError as exc:
-            raise Diverged(STATUS_OVERFLOW, f"iteration {position.iteration + 1}: {exc}") from exc
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
+        if run.emulate > 1:
+            optimizer.zero_grad(set_to_none=True)
+            values = _emulated_backward(run, images, targets)
+        else:
+            with torch.autocast(run.device.type, enabled=run.amp):
+                raw_losses = model(images, targets)
+            try:
+                total, values = _weighted_total(run, raw_losses, getattr(_unwrap(model), "kpis", None))
+            except WeightOverflowError as exc:
+                raise Diverged(STATUS_OVERFLOW, f"iteration {position.iteration + 1}: {exc}") from exc
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
         if train_cfg.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(
@@ -302,6 +383,7 @@ class Evaluation:
 def evaluate(model, dataset, config: TrainingConfig, device: torch.device) -> Evaluation:
     """Detections on the test set (sharded across ranks) → VOC mAP or COCO AP on rank 0."""
     model = _unwrap(model)
+    dist_utils.broadcast_buffers(model)  # every shard seen with rank 0's (the checkpoint's) statistics
     model.eval()
     train_cfg = config.train
     indices = list(range(len(dataset)))
@@ -415,7 +497,8 @@ def _train_epochs(run: Run, result: TrainResult) -> None:
             epoch_done = position.epoch_batches >= run.iters_per_epoch
             finished = position.iteration >= run.schedule.total_iters
             if epoch_done:
-                run.weighting.on_epoch_end(position.epoch)
+                for weighting in run.weightings:
+                    weighting.on_epoch_end(position.epoch)
                 position.epoch += 1
                 position.epoch_batches = 0
             every = config.train.eval_every

@@ -10,6 +10,7 @@ batches, flips included, of an uninterrupted run, whatever the number of workers
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -133,3 +134,61 @@ class GroupedEpochSampler(EpochSampler):
         flips = torch.rand(len(order), generator=generator) < self.flip_prob
         begin = self.rank * self.per_rank
         return order[begin:begin + self.per_rank], flips[begin:begin + self.per_rank]
+
+
+class RankBatchSampler(Sampler):
+    """The batches one process trains on per step: those of ``emulate`` DDP ranks.
+
+    A process that is real rank ``rank`` of ``world_size`` and emulates ``emulate``
+    workers plays the virtual ranks ``rank · emulate + k`` (k = 0 … emulate − 1) of
+    ``world_size · emulate``: each virtual rank draws its shard exactly as
+    :class:`EpochSampler` (hence ``DistributedSampler``) does for that many real
+    ranks, and each step yields the concatenation of the virtual ranks' next batches
+    of ``batch_size`` (the last one of an epoch may be shorter, by the same amount for
+    every rank, since the shards are padded to equal length). With ``emulate = 1`` the
+    batches are those of ``DataLoader(batch_size=…, sampler=EpochSampler(…))``.
+    :meth:`micro_batches` cuts a collated step back into the virtual ranks' batches.
+
+    Self-contained: it composes per-rank samplers. ``make_sampler(rank, world_size)``
+    builds another one per virtual rank (any :class:`EpochSampler`-like object:
+    ``set_epoch(epoch, start)``, ``per_rank``, iterating ``(index, flip)``; e.g. an
+    aspect-ratio group sampler); the default is :class:`EpochSampler`.
+    """
+
+    def __init__(self, dataset_size: int, *, seed: int, flip_prob: float, batch_size: int,
+                 emulate: int = 1, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 make_sampler=None):
+        if emulate < 1 or batch_size < 1:
+            raise ValueError(f"emulate ({emulate}) and batch_size ({batch_size}) must be >= 1")
+        self.batch_size = batch_size
+        self.emulate = emulate
+        if make_sampler is None:
+            def make_sampler(virtual_rank: int, virtual_world: int) -> EpochSampler:
+                return EpochSampler(dataset_size, seed=seed, flip_prob=flip_prob, shuffle=shuffle,
+                                    rank=virtual_rank, world_size=virtual_world)
+        self.ranks = [make_sampler(rank * emulate + k, world_size * emulate) for k in range(emulate)]
+        self.per_rank = self.ranks[0].per_rank  # samples per virtual rank and epoch
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch; ``start`` samples of every virtual rank are skipped (resume)."""
+        for sampler in self.ranks:
+            sampler.set_epoch(epoch, start)
+
+    def __iter__(self):
+        streams = [iter(sampler) for sampler in self.ranks]
+        while True:
+            batches = [list(itertools.islice(stream, self.batch_size)) for stream in streams]
+            if not batches[0]:
+                return
+            yield [key for batch in batches for key in batch]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.ranks[0]) / self.batch_size)
+
+    def micro_batches(self, images, targets) -> list[tuple]:
+        """A collated step ``(images, targets)`` as one ``(images, targets)`` per virtual rank."""
+        count = len(images)
+        if count % self.emulate:
+            raise RuntimeError(f"a step of {count} images cannot be split among {self.emulate} emulated workers")
+        size = count // self.emulate
+        return [(images[k * size:(k + 1) * size], targets[k * size:(k + 1) * size]) for k in range(self.emulate)]
