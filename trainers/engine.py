@@ -170,12 +170,9 @@ class Run:
         self.amp = train_cfg.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
-        make_sampler = None  # (None: an EpochSampler per virtual rank)
-        if train_cfg.group_by_aspect_ratio:  # mmdetection's GroupSampler, per (virtual) rank
-            flags = aspect_ratio_flags(self.train_set)
-            def make_sampler(rank: int, world_size: int) -> GroupedEpochSampler:
-                return GroupedEpochSampler(flags, train_cfg.batch_size, seed=train_cfg.seed,
-                                           flip_prob=dataset_cfg.flip, rank=rank, world_size=world_size)
+        # mmdetection's GroupSampler per (virtual) rank, or (None) an EpochSampler
+        make_sampler = (_grouped_samplers(self.train_set, train_cfg.batch_size, train_cfg.seed, dataset_cfg.flip)
+                        if train_cfg.group_by_aspect_ratio else None)
         self.sampler = RankBatchSampler(len(self.train_set), seed=train_cfg.seed, flip_prob=dataset_cfg.flip,
                                         batch_size=train_cfg.batch_size, emulate=self.emulate,
                                         rank=dist_utils.rank(), world_size=dist_utils.world_size(),
@@ -270,6 +267,16 @@ class Run:
             self.streams.load_state_dict(state["rng"]["ranks"])
         self.position = Position(state["iteration"], state["epoch"], state["epoch_batches"])
         self.evaluations = list(state.get("evaluations", []))
+
+
+def _grouped_samplers(dataset, batch_size: int, seed: int, flip_prob: float):
+    """``make_sampler(rank, world_size)`` of aspect-ratio grouped samplers for ``dataset``."""
+    flags = aspect_ratio_flags(dataset)
+
+    def make_sampler(rank: int, world_size: int) -> GroupedEpochSampler:
+        return GroupedEpochSampler(flags, batch_size, seed=seed, flip_prob=flip_prob, rank=rank,
+                                   world_size=world_size)
+    return make_sampler
 
 
 def _weighted_total(run: Run, raw_losses: dict, kpis, weighting=None) -> tuple[torch.Tensor, dict]:
