@@ -54,7 +54,7 @@ LOG_EVERY = 20  # the engine pulls its records every LOG_EVERY iterations
 
 
 def benchmark_config(data: dict, batch_size: int) -> dict:
-    """The tiny detector of tests/test_engine.py, ALWA_1 updating every 20 calls, a
+    """The tiny detector of tests/trainers/test_engine.py, ALWA_1 updating every 20 calls, a
     schedule too long to end inside the benchmark and a constant lr (no warm-up)."""
     return {
         "dataset": {"kind": "voc", "root": data["root"], "train_sets": data["train_sets"],

@@ -52,7 +52,7 @@ WARM_UP = 10  # iterations (and rows logged) before the measured rounds
 
 
 def benchmark_config(data: dict) -> dict:
-    """The tiny detector of tests/test_engine.py with ALWA_1 and the default log_every."""
+    """The tiny detector of tests/trainers/test_engine.py with ALWA_1 and the default log_every."""
     return {
         "dataset": {"kind": "voc", "root": data["root"], "train_sets": data["train_sets"],
                     "test_sets": data["test_sets"], "scale": [128, 128], "num_workers": 0,

@@ -6,7 +6,7 @@ Runs the full demo (≈ 7 min on 2 CPU cores), then copies its Table 1/Table 2 M
 and three figures into ``docs/demo/`` and records the run's wall time.
 
 The README's MLflow UI screenshot (``docs/images/mlflow_ui_sweep.png``) is made by the
-UI test in headless Chromium: ``ALWA_UPDATE_SCREENSHOT=1 python -m pytest tests/test_ui.py``.
+UI test in headless Chromium: ``ALWA_UPDATE_SCREENSHOT=1 python -m pytest tests/reports/test_ui.py``.
 """
 
 from __future__ import annotations

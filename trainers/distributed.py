@@ -30,7 +30,7 @@ N·R real ranks, not an approximation of it:
   gradient rank k computes.
 
 The results agree with real DDP up to float32 summation order (measured in
-tests/test_emulate.py). Refused, because real DDP and the emulation would differ or the
+tests/trainers/test_emulate.py). Refused, because real DDP and the emulation would differ or the
 emulation is not implemented (:func:`check_emulation`): ALWA's ``sync_records`` (its
 all-reduce runs over real ranks only) and ``train.grad_clip`` with learnable weights
 (each DDP rank clips with its own weights' gradients, so real ranks' models drift apart).

@@ -27,8 +27,8 @@ from reports import published, render, runs, tables
 
 EXPERIMENT = "alwa-report-test"
 GOLDEN_EXPERIMENT = "alwa-report-golden"
-GOLDEN = Path(__file__).parent / "golden"
-PAPER_CSV = Path(__file__).resolve().parents[1] / "reports" / "paper"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+PAPER_CSV = Path(__file__).resolve().parents[2] / "reports" / "paper"
 
 BASE = {"model.detector": "faster_rcnn", "model.backbone": "resnet50", "dataset.kind": "voc",
         "optimizer.type": "sgd", "model.losses.roi_reg.type": "l1", "weighting.head": "rpn"}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_engine import Collect, tiny_config
+from tests.trainers.test_engine import Collect, tiny_config
 from trainers.checkpoint import load_latest_checkpoint
 from trainers.config import load_config
 from trainers.engine import Run, TrainResult, _train_epochs

@@ -21,7 +21,7 @@ from alwa_sweep.spec import expand_grid, load_spec
 from alwa_sweep.tracking import sqlite_uri
 from trainers.errors import UserInputError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # released.yaml is the released settings the specs are checked against, not a spec.
 SPECS = sorted(p for p in (REPO / "search_spaces").glob("*.yaml") if p.name != "released.yaml")
 

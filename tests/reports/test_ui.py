@@ -25,7 +25,7 @@ from alwa_sweep.tracking import sqlite_uri
 from reports import schema as S
 from reports import ui_links
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "docs" / "images" / "mlflow_ui_sweep.png"
 
 

@@ -10,7 +10,7 @@ import yaml
 from alwa_sweep.spec import load_spec
 from trainers.config import flatten
 
-SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 RELEASED = yaml.safe_load((SPACES / "released.yaml").read_text())
 
 

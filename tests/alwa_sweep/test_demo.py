@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from alwa_sweep.tracking import sqlite_uri
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_readme_test_command_is_what_ci_runs():
