@@ -75,7 +75,7 @@ def run_ddp(config: dict, tmp_path: Path, world: int = 2) -> list[dict]:
     out = str(tmp_path / "ddp")
     mp.spawn(_ddp_probe_worker, args=(world, str(tmp_path / "init"), config, str(tmp_path / "ddp_run"), out),
              nprocs=world)
-    return [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(world)]
+    return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(world)]
 
 
 def relative_gap(a, b) -> float:
