@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alwa_sweep.commands.run import add_common_arguments
+from alwa_sweep.commands.run import add_common_arguments, run_sweep_ending_trials
 from alwa_sweep.spec import load_spec
 from alwa_sweep.sweep_paths import check_address, runs_root
 from alwa_sweep.tune import load_sweep_state, print_summary, run_sweep
@@ -32,7 +32,7 @@ def run(args) -> int:
     state = load_sweep_state(sweep_dir)
     # The spec as it was run; paths were checked when it was launched.
     spec = load_spec(sweep_dir / "spec.yaml", check_paths=False)
-    summary = run_sweep(spec, sweep_dir, state["tracking_uri"], address=args.address,
+    summary = run_sweep_ending_trials(run_sweep, spec, sweep_dir, state["tracking_uri"], address=args.address,
                         max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
                         progress=not args.quiet, state=state)
     print_summary(summary)

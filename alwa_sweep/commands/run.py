@@ -10,7 +10,8 @@ from alwa_sweep.spec import check_datasets, load_spec
 from alwa_sweep.sweep_paths import check_address, check_writable, runs_root
 from alwa_sweep.tracking import check_tracking_server, default_tracking_uri
 from alwa_sweep.tune import load_sweep_state, print_summary, run_sweep
-from trainers.errors import ConfigError
+from alwa_sweep.signals import signals_noted_not_raised
+from trainers.errors import ConfigError, Interrupted, UserInputError, interruption_reason
 
 
 
@@ -74,7 +75,7 @@ def run(args) -> int:
             if (args.tracking_uri or tracking_uri) != state["tracking_uri"]:
                 tracking_uri = state["tracking_uri"]
             print(f"resuming sweep {name} (finished trials are not re-run)")
-    summary = run_sweep(spec, sweep_dir, tracking_uri, address=args.address,
+    summary = run_sweep_ending_trials(run_sweep, spec, sweep_dir, tracking_uri, address=args.address,
                         max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
                         progress=not args.quiet, state=state)
     print_summary(summary)
@@ -104,3 +105,42 @@ def _fresh_name(root: Path, name: str) -> tuple[str, Path]:
         if not (root / "sweeps" / candidate).exists():
             return candidate, root / "sweeps" / candidate
     raise ConfigError("--name", f"no free name of the form {name}-N.", "Pick another --name.")
+
+
+def run_sweep_ending_trials(run_sweep, spec, sweep_dir: Path, tracking_uri: str, **options):
+    """``run_sweep(...)``; if it stops early (SIGTERM, Ctrl-C, an error), Ray is shut down
+    (its trial processes die with it, without ending their MLflow runs) and every trial
+    run of the sweep still RUNNING is ended as interrupted, naming why. The sweep's parent
+    run is ended by ``run_sweep`` itself."""
+    try:
+        return run_sweep(spec, sweep_dir, tracking_uri, **options)
+    except BaseException as exc:
+        if not isinstance(exc, UserInputError):  # input errors come before any trial exists
+            _end_trials(Path(sweep_dir), exc)
+        raise
+
+
+def _end_trials(sweep_dir: Path, exc: BaseException) -> None:
+    from alwa_sweep.trial import end_unfinished_trial_runs
+    from alwa_sweep.tune import load_sweep_state
+
+    with signals_noted_not_raised():
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:  # noqa: BLE001 - the original exception is what the user must see
+            pass
+        try:
+            state = load_sweep_state(sweep_dir)
+        except UserInputError:
+            return  # the sweep never got as far as its state file: no trial runs exist
+        if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+            reason = interruption_reason(exc) + " (the sweep's driver)"
+        else:
+            reason = f"the sweep's driver stopped: {type(exc).__name__}: {exc}"[:500]
+        try:
+            end_unfinished_trial_runs(state, reason)
+        except Exception:  # noqa: BLE001 - best effort: the store may be what failed
+            pass
