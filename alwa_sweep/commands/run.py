@@ -48,14 +48,16 @@ def run(args) -> int:
     if not args.no_check_paths:
         check_datasets(trial.config for trial in spec.trials)
     root = runs_root(args.runs_dir)
+    check_store_path(root, "--runs-dir" if args.runs_dir else "the current folder")
     check_writable(root, "--runs-dir")
     tracking_uri = args.tracking_uri or default_tracking_uri(root)
+    check_tracking_uri_form(tracking_uri, "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI")
     check_tracking_server(tracking_uri)
     name = args.name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not re.fullmatch(r"[\w.\-]{1,100}", name) or not any(c.isalnum() for c in name):
         raise ConfigError("--name", f"{name!r} may only hold letters, digits, '.', '_' and '-' (at most 100).",
                           "Pick another name.")
-    check_address(args.address)
+    check_address_form(args.address)
     sweep_dir = root / "sweeps" / name
     state = None
     if sweep_dir.exists():
@@ -144,3 +146,45 @@ def _end_trials(sweep_dir: Path, exc: BaseException) -> None:
             end_unfinished_trial_runs(state, reason)
         except Exception:  # noqa: BLE001 - best effort: the store may be what failed
             pass
+
+
+def check_store_path(folder: Path, field: str) -> None:
+    """A folder whose SQLite store's URI would be misread: '?' starts the URI's query, so
+    ``sqlite:///runs?x=1/mlflow.db`` opens ``runs`` (a file) with the option ``x``."""
+    if "?" in str(folder):
+        raise ConfigError(field, f"{str(folder)!r} holds '?', which a sqlite:/// URI reads as the start of its "
+                          "options: the store would be written elsewhere.", "Choose a folder name without '?'.")
+
+
+def check_tracking_uri_form(uri: str, field: str = "--tracking-uri") -> None:
+    """A tracking URI names its scheme: a plain path (``store/mlflow.db``, ``mlruns``) would be
+    MLflow's deprecated file store, a folder of YAML files, not the SQLite database meant."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme
+    if not scheme or len(scheme) == 1:  # no scheme, or a Windows drive letter
+        path = Path(uri).expanduser().resolve()
+        db = path if path.suffix == ".db" else path / "mlflow.db"
+        raise ConfigError(field, f"{uri!r} is a path, not a tracking URI.",
+                          f"For a SQLite store write sqlite:///{db}; for a server, http://host:port.")
+    if scheme == "sqlite":
+        check_store_path(Path(uri.split("sqlite:///", 1)[-1]), field)
+
+
+def check_address_form(address: str | None) -> None:
+    """``check_address`` (reachability), with a malformed port as one paragraph too."""
+    if address is not None and address != "auto":
+        from urllib.parse import urlparse
+
+        try:
+            parsed = urlparse(address if "://" in address else f"tcp://{address}")
+            host, port = parsed.hostname, parsed.port
+        except ValueError as exc:  # a port that is not a number, or out of 0..65535
+            raise ConfigError("--address", f"{address!r}: {exc}.",
+                              "Write host:port or ray://host:port with a port in 1..65535, e.g. 127.0.0.1:6379.") \
+                from None
+        if not host or not port:
+            raise ConfigError("--address", f"{address!r} is not of the form host:port or ray://host:port.",
+                              "For example 127.0.0.1:6379 or ray://head:10001.")
+    check_address(address)
+
