@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alwa_sweep.commands.run import add_common_arguments, check_address_form, run_sweep_ending_trials
+from alwa_sweep.commands.run import (add_common_arguments, check_address_form, check_recorded_store,
+                                     run_sweep_ending_trials)
 from alwa_sweep.spec import load_spec
 from alwa_sweep.sweep_paths import runs_root
-from alwa_sweep.tracking import sqlite_path
 from alwa_sweep.tune import load_sweep_state, print_summary, run_sweep
 from trainers.errors import ConfigError
 
@@ -31,17 +31,11 @@ def run(args) -> int:
     sweep_dir = find_sweep_dir(args.sweep, root)
     check_address_form(args.address)
     state = load_sweep_state(sweep_dir)
-    db = sqlite_path(state["tracking_uri"])
-    if db is not None and not db.is_file():
-        # Opening it would create an empty store there, and the trials would start afresh.
-        raise ConfigError(f"{sweep_dir / 'sweep.json'}: tracking_uri",
-                          f"the sweep's MLflow store was {db}, which does not exist (the sweep folder was moved, "
-                          "or the store deleted).",
-                          f"Move the store back to {db}, or edit tracking_uri in sweep.json to where it is now.")
+    check_recorded_store(sweep_dir, state)
     # The spec as it was run; paths were checked when it was launched.
     spec = load_spec(sweep_dir / "spec.yaml", check_paths=False)
     summary = run_sweep_ending_trials(run_sweep, spec, sweep_dir, state["tracking_uri"], address=args.address,
-                        max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
-                        progress=not args.quiet, state=state)
+                                      max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
+                                      progress=not args.quiet, state=state)
     print_summary(summary)
     return 0 if summary.failed == 0 else 1

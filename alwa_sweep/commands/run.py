@@ -74,12 +74,13 @@ def run(args) -> int:
                               "or run it with the spec it had.")
         else:
             state = load_sweep_state(sweep_dir)
+            check_recorded_store(sweep_dir, state)
             if (args.tracking_uri or tracking_uri) != state["tracking_uri"]:
                 tracking_uri = state["tracking_uri"]
             print(f"resuming sweep {name} (finished trials are not re-run)")
     summary = run_sweep_ending_trials(run_sweep, spec, sweep_dir, tracking_uri, address=args.address,
-                        max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
-                        progress=not args.quiet, state=state)
+                                      max_concurrent=args.max_concurrent, num_cpus=args.num_cpus,
+                                      progress=not args.quiet, state=state)
     print_summary(summary)
     return 0 if summary.failed == 0 else 1
 
@@ -187,4 +188,17 @@ def check_address_form(address: str | None) -> None:
             raise ConfigError("--address", f"{address!r} is not of the form host:port or ray://host:port.",
                               "For example 127.0.0.1:6379 or ray://head:10001.")
     check_address(address)
+
+
+def check_recorded_store(sweep_dir: Path, state: dict) -> None:
+    """A sweep resumed from its folder must find its SQLite store where ``sweep.json`` says:
+    opening a missing one would create an empty store there, and every trial would start afresh."""
+    from alwa_sweep.tracking import sqlite_path
+
+    db = sqlite_path(state["tracking_uri"])
+    if db is not None and not db.is_file():
+        raise ConfigError(f"{sweep_dir / 'sweep.json'}: tracking_uri",
+                          f"the sweep's MLflow store was {db}, which does not exist (the sweep folder was moved, "
+                          "or the store deleted).",
+                          f"Move the store back to {db}, or edit tracking_uri in sweep.json to where it is now.")
 
