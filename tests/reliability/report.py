@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import platform
 import time
 from pathlib import Path
@@ -71,6 +72,12 @@ class Figures:
         self._save(section, data)
 
 
+def _xfail_note(xfailed: dict | None) -> str:
+    if not xfailed:
+        return ""
+    return f" (of them {len(xfailed)} expected failure{'s' if len(xfailed) > 1 else ''}: known bugs, listed at the end)"
+
+
 def _md(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -85,7 +92,7 @@ def _versions() -> str:
 
 
 def write_report(figures: Figures, out: Path, *, command: str, tests: int, seconds: float,
-                 durations: dict) -> None:
+                 durations: dict, xfailed: dict | None = None) -> None:
     sections = {name: figures.load(name) for name in SECTIONS}
     bad = sections["bad_inputs"]
     kill = sections["sigkill"]["values"]
@@ -124,7 +131,8 @@ def write_report(figures: Figures, out: Path, *, command: str, tests: int, secon
         command,
         "```",
         "",
-        f"{tests} tests, all passed, in {seconds:.0f} s ({_versions()}). Every number below was "
+        f"{tests} tests, all passed{_xfail_note(xfailed)}, in {seconds:.0f} s ({_versions()}). "
+        "Every number below was "
         "measured by that run; `tests/reliability/report.py` writes this page at the end of a complete, "
         "passing run of the suite (a `-k` selection or a failure leaves it untouched).",
         "",
@@ -192,7 +200,7 @@ def write_report(figures: Figures, out: Path, *, command: str, tests: int, secon
         "|---|---|---|",
     ]
     for row in closed:
-        message = row["message"] if len(row["message"]) < 150 else row["message"][:147] + "…"
+        message = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ]+", "<tmp>", row["message"]) if len(row["message"]) < 150 else row["message"][:147] + "…"
         lines.append(f"| {_md(row['case'])} | {row['exit_code']} | {_md(message)} |")
     lines += [
         "",
@@ -324,5 +332,9 @@ def write_report(figures: Figures, out: Path, *, command: str, tests: int, secon
         per_test.setdefault(name.split("[")[0], []).append(seconds_taken)
     for name, times in sorted(per_test.items(), key=lambda item: -sum(item[1])):
         lines.append(f"| `{name}` | {len(times)} | {sum(times):.1f} |")
+    if xfailed:
+        lines += ["", "## Known bugs in files outside this suite's owner (expected failures)", "",
+                  "Each is an `xfail(strict=False)` test that passes once the owner fixes the file:", ""]
+        lines += [f"- `{name}`: {reason}" for name, reason in sorted(xfailed.items())]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
