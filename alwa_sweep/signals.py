@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import signal
 import threading
 from typing import Iterator
@@ -67,6 +68,7 @@ class Terminated(Interrupted):
 class _State:
     depth = 0
     pending: Terminated | None = None
+    deferred: Terminated | None = None  # to be raised at the next Python line (see _handler)
 
 
 def _handler(signum, frame):
@@ -76,7 +78,44 @@ def _handler(signum, frame):
               f"{_State.pending.signal_name} (send SIGKILL, `kill -9 {os.getpid()}`, to stop at once)\n")
         return
     _State.pending = Terminated(signum)
+    if _inside_extension_call(frame):
+        # Raised here, the exception would surface inside a C extension's call (Ray's
+        # Cython ``CoreWorker.wait`` polls for signals and returns a result anyway), which
+        # CPython turns into ``SystemError: ... returned a result with an exception set``.
+        # Raise it instead at the next Python line executed (or call made).
+        _raise_at_next_line(_State.pending, frame)
+        return
     raise _State.pending
+
+
+# Python frames that call into C extensions which check for signals themselves and do
+# not propagate an exception raised by a handler (Ray's core worker).
+_DEFER_IN = (os.sep + "ray" + os.sep,)
+
+
+def _inside_extension_call(frame) -> bool:
+    return frame is not None and any(part in frame.f_code.co_filename for part in _DEFER_IN)
+
+
+def _raise_at_next_line(exc: BaseException, frame) -> None:
+    traced = []
+
+    def tracer(f, event, arg):
+        if event in ("call", "line", "return") and _State.deferred is exc:
+            _State.deferred = None
+            sys.settrace(None)
+            for each in traced:
+                each.f_trace = None
+            raise exc
+        return tracer
+
+    _State.deferred = exc
+    while frame is not None:  # line events in the frames already running, call events in new ones
+        frame.f_trace = tracer
+        frame.f_trace_lines = True
+        traced.append(frame)
+        frame = frame.f_back
+    sys.settrace(tracer)
 
 
 def _note(text: str) -> None:
@@ -119,3 +158,24 @@ def _restore(previous: dict) -> None:
 def terminating() -> Terminated | None:
     """The pending :class:`Terminated` while cleaning up after a signal, else ``None``."""
     return _State.pending
+
+
+@contextlib.contextmanager
+def signals_noted_not_raised(signals=SIGNALS) -> Iterator[None]:
+    """Within the block (cleanup after an interruption), ``signals`` only print a note:
+    the cleanup that ends MLflow runs is not aborted by a second Ctrl-C or SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum, frame):
+        _note(f"alwa-sweep: {signal.Signals(signum).name} received; cleaning up (send SIGKILL, "
+              f"`kill -9 {os.getpid()}`, to stop at once)\n")
+
+    previous = {}
+    try:
+        for signum in signals:
+            previous[signum] = signal.signal(signum, note)
+        yield
+    finally:
+        _restore(previous)

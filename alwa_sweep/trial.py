@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from alwa_sweep.tracking import MlflowHook, end_run, find_runs_by_tag
-from reports.schema import (DONE_STATUSES, KIND_TRIAL, METRIC_LOSS, STATUS_ERROR, STATUS_PENDING, STATUS_RUNNING,
+from reports.schema import (DONE_STATUSES, KIND_TRIAL, METRIC_LOSS, STATUS_ERROR, STATUS_INTERRUPTED, STATUS_PENDING, STATUS_RUNNING,
                             STATUS_STOPPED, TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRIAL_KEY)
 from alwa_sweep.schedulers import tune_result
 from trainers.engine import Diverged, train
@@ -203,3 +203,23 @@ def _run_distributed(payload: dict) -> None:
                                        failure_config=ray.train.FailureConfig(max_failures=payload["max_failures"])),
     )
     trainer.fit()
+
+
+def end_unfinished_trial_runs(state: dict, reason: str) -> list[str]:
+    """End every trial run of a sweep that is still RUNNING as interrupted (KILLED).
+
+    For the driver after the sweep stopped early (SIGTERM, Ctrl-C, an error): Ray stops
+    the trial processes when the driver's runtime shuts down, without running their
+    ``finally`` blocks (the training thread of a Tune function trainable dies with the
+    process), so their runs would stay RUNNING. Call it after ``ray.shutdown()``, so no
+    trial still writes. ``state`` is the sweep's ``sweep.json``; returns the ended run ids.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(state["tracking_uri"])
+    ended = []
+    for run in find_runs_by_tag(client, state["experiment_id"], TAG_PARENT, state["parent_run_id"]):
+        if run.info.status == "RUNNING" and run.data.tags.get(TAG_STATUS) not in DONE_STATUSES:
+            end_run(client, run.info.run_id, STATUS_INTERRUPTED, reason)
+            ended.append(run.info.run_id)
+    return ended

@@ -267,17 +267,33 @@ def _fit(spec: Spec, sweep_dir: Path, state: dict, address, max_concurrent, num_
 
 
 def _end_parent(state: dict, exc: BaseException) -> None:
-    """The sweep's parent run, ended after the driver stopped early (best effort: the
-    store may be what failed)."""
+    """After the driver stopped early: Ray shut down (its trial processes die with it,
+    without ending their MLflow runs), every trial run still RUNNING ended as
+    interrupted, and the sweep's parent run ended — best effort, the store may be what
+    failed; further signals meanwhile are noted, not raised."""
+    from alwa_sweep.signals import signals_noted_not_raised
+    from alwa_sweep.trial import end_unfinished_trial_runs
     from trainers.errors import interruption_reason
 
     interrupted = isinstance(exc, (KeyboardInterrupt, Interrupted))
-    try:
-        client = open_store(state["tracking_uri"])
-        reason = interruption_reason(exc) if interrupted else f"{type(exc).__name__}: {exc}"
-        end_run(client, state["parent_run_id"], STATUS_INTERRUPTED if interrupted else STATUS_ERROR, reason)
-    except Exception:  # noqa: BLE001 - the original error is what the user must see
-        pass
+    reason = interruption_reason(exc) if interrupted else f"{type(exc).__name__}: {exc}"
+    with signals_noted_not_raised():
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception:  # noqa: BLE001 - the original error is what the user must see
+            pass
+        try:
+            end_unfinished_trial_runs(state, f"{reason} (the sweep's driver)"[:500])
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            client = open_store(state["tracking_uri"])
+            end_run(client, state["parent_run_id"], STATUS_INTERRUPTED if interrupted else STATUS_ERROR, reason)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def collect_statuses(client, state: dict) -> dict:

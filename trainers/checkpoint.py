@@ -59,6 +59,11 @@ def save_checkpoint(state: dict, directory: str | Path, iteration: int, keep: in
         if path.exists() and not path.with_name(path.name + ".sha256").exists():
             _remove_quietly(path)  # renamed, but its digest could not follow
         raise _write_error(directory, path, exc) from None
+    except BaseException:  # SIGTERM/SIGINT (Interrupted, KeyboardInterrupt) mid-write: no half file stays
+        _remove_quietly(tmp, digest_tmp)
+        if path.exists() and not path.with_name(path.name + ".sha256").exists():
+            _remove_quietly(path)
+        raise
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alwa_sweep.commands.run import add_common_arguments
+from alwa_sweep.commands.run import add_common_arguments, check_recorded_store
 from alwa_sweep.spec import load_spec
 from alwa_sweep.preflight import before_sweep
 from alwa_sweep.storage import resolve_storage
@@ -31,6 +31,7 @@ def run(args) -> int:
     root = runs_root(args.runs_dir)
     sweep_dir = find_sweep_dir(args.sweep, root)
     state = load_sweep_state(sweep_dir)
+    check_recorded_store(sweep_dir, state)
     # The spec as it was run; paths were checked when it was launched.
     spec = load_spec(sweep_dir / "spec.yaml", check_paths=False)
     storage = resolve_storage(state["storage"]) if state.get("storage") else None

@@ -56,8 +56,10 @@ def run(args) -> int:
     if not args.no_check_paths:
         check_datasets(trial.config for trial in spec.trials)
     root = runs_root(args.runs_dir)
+    check_store_path(root, "--runs-dir" if args.runs_dir else "the current folder")
     check_writable(root, "--runs-dir")
     tracking_uri = args.tracking_uri or default_tracking_uri(root)
+    check_tracking_uri_form(tracking_uri, "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI")
     check_tracking_server(tracking_uri)
     name = args.name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not re.fullmatch(r"[\w.\-]{1,100}", name) or not any(c.isalnum() for c in name):
@@ -84,6 +86,7 @@ def run(args) -> int:
                               "or run it with the spec it had.")
         else:
             state = load_sweep_state(sweep_dir)
+            check_recorded_store(sweep_dir, state)
             if (args.tracking_uri or tracking_uri) != state["tracking_uri"]:
                 tracking_uri = state["tracking_uri"]
             print(f"resuming sweep {name} (finished trials are not re-run)")
@@ -126,3 +129,39 @@ def _fresh_name(root: Path, name: str) -> tuple[str, Path]:
         if not (root / "sweeps" / candidate).exists():
             return candidate, root / "sweeps" / candidate
     raise ConfigError("--name", f"no free name of the form {name}-N.", "Pick another --name.")
+
+
+def check_store_path(folder: Path, field: str) -> None:
+    """A folder whose SQLite store's URI would be misread: '?' starts the URI's query, so
+    ``sqlite:///runs?x=1/mlflow.db`` opens ``runs`` (a file) with the option ``x``."""
+    if "?" in str(folder):
+        raise ConfigError(field, f"{str(folder)!r} holds '?', which a sqlite:/// URI reads as the start of its "
+                          "options: the store would be written elsewhere.", "Choose a folder name without '?'.")
+
+
+def check_tracking_uri_form(uri: str, field: str = "--tracking-uri") -> None:
+    """A tracking URI names its scheme: a plain path (``store/mlflow.db``, ``mlruns``) would be
+    MLflow's deprecated file store, a folder of YAML files, not the SQLite database meant."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme
+    if not scheme or len(scheme) == 1:  # no scheme, or a Windows drive letter
+        path = Path(uri).expanduser().resolve()
+        db = path if path.suffix == ".db" else path / "mlflow.db"
+        raise ConfigError(field, f"{uri!r} is a path, not a tracking URI.",
+                          f"For a SQLite store write sqlite:///{db}; for a server, http://host:port.")
+    if scheme == "sqlite":
+        check_store_path(Path(uri.split("sqlite:///", 1)[-1]), field)
+
+
+def check_recorded_store(sweep_dir: Path, state: dict) -> None:
+    """A sweep resumed from its folder must find its SQLite store where ``sweep.json`` says:
+    opening a missing one would create an empty store there, and every trial would start afresh."""
+    from alwa_sweep.tracking import sqlite_path
+
+    db = sqlite_path(state["tracking_uri"])
+    if db is not None and not db.is_file():
+        raise ConfigError(f"{sweep_dir / 'sweep.json'}: tracking_uri",
+                          f"the sweep's MLflow store was {db}, which does not exist (the sweep folder was moved, "
+                          "or the store deleted).",
+                          f"Move the store back to {db}, or edit tracking_uri in sweep.json to where it is now.")

@@ -6,12 +6,13 @@ import argparse
 import re
 from pathlib import Path
 
+from alwa_sweep.commands.run import check_tracking_uri_form
 from alwa_sweep.locks import FolderLock
 from alwa_sweep.progress import ProgressBar
 from alwa_sweep.signals import terminate_on_signals
 from alwa_sweep.spec import check_datasets
 from alwa_sweep.sweep_paths import check_writable
-from alwa_sweep.tracking import MlflowHook, default_tracking_uri, get_or_create_experiment, open_store
+from alwa_sweep.tracking import MlflowHook, check_tracking_server, default_tracking_uri, get_or_create_experiment, open_store
 from reports.schema import KIND_TRAIN, STATUS_OK, TAG_KIND
 from trainers.config import load_config
 from trainers.checkpoint import require_resumable_checkpoint
@@ -54,9 +55,12 @@ def run(args) -> int:
         raise ConfigError("--workdir", f"{workdir} already holds checkpoints of an earlier run.",
                           f"Resume it with --resume {workdir / 'checkpoints'}, or pick another --run-name.")
     # Everything that can be checked is, before the MLflow run exists.
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    check_tracking_uri_form(tracking_uri, "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI")
+    check_tracking_server(tracking_uri)
     check_datasets([config])
     check_writable(workdir, "--workdir")
-    client = open_store(args.tracking_uri or default_tracking_uri())
+    client = open_store(tracking_uri)
     experiment_id = get_or_create_experiment(client, args.experiment)
     with terminate_on_signals(), FolderLock(workdir, what="work folder", command="alwa-sweep train"):
         run_id_file = workdir / "mlflow_run_id"

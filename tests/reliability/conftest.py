@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))  # report.py and reliability_helpers.py, whatever 
 from report import SECTIONS, Figures, write_report  # noqa: E402
 
 _state = {"collected": set(), "deselected": set(), "passed": set(), "bad": set(), "durations": {},
-          "figures_dir": None}
+          "figures_dir": None, "xfailed": {}}
 
 
 def pytest_itemcollected(item):
@@ -41,7 +41,12 @@ def pytest_runtest_logreport(report):
     if report.nodeid not in _state["collected"]:
         return
     _state["durations"][report.nodeid] = _state["durations"].get(report.nodeid, 0.0) + report.duration
-    if report.failed or report.skipped:
+    if report.skipped and hasattr(report, "wasxfail"):
+        # An expected failure: a bug in a file this suite's owner may not edit, reported (xfail,
+        # strict=False) with the fix described. It counts as run, and the page lists it.
+        _state["xfailed"][report.nodeid] = report.wasxfail
+        _state["passed"].add(report.nodeid)
+    elif report.failed or report.skipped:
         _state["bad"].add(report.nodeid)
     elif report.when == "call" and report.passed:
         _state["passed"].add(report.nodeid)
@@ -66,7 +71,8 @@ def pytest_sessionfinish(session, exitstatus):
     durations = {Path(nodeid.split("::")[0]).name + "::" + nodeid.split("::", 1)[1]: seconds
                  for nodeid, seconds in _state["durations"].items()}
     write_report(figures, Path(target), command=command.strip(), tests=len(ran),
-                 seconds=sum(_state["durations"].values()), durations=durations)
+                 seconds=sum(_state["durations"].values()), durations=durations,
+                 xfailed={nodeid.split("/")[-1]: reason for nodeid, reason in _state["xfailed"].items()})
 
 
 @pytest.fixture(scope="session")

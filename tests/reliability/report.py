@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import platform
 import time
 from pathlib import Path
 
 # Sections the page needs; a run that lacks one (a -k selection) writes nothing.
-SECTIONS = ("bad_inputs", "sigkill", "corrupt_checkpoints", "concurrency", "security", "soak")
+SECTIONS = ("bad_inputs", "sigkill", "corrupt_checkpoints", "concurrency", "security", "soak", "generated_cli",
+            "signal_matrix", "sweep_sigterm", "closed_classes")
 
 # Guarantees that other test files already check end to end (not re-run here).
 ELSEWHERE = [
@@ -70,6 +72,12 @@ class Figures:
         self._save(section, data)
 
 
+def _xfail_note(xfailed: dict | None) -> str:
+    if not xfailed:
+        return ""
+    return f" (of them {len(xfailed)} expected failure{'s' if len(xfailed) > 1 else ''}: known bugs, listed at the end)"
+
+
 def _md(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -84,7 +92,7 @@ def _versions() -> str:
 
 
 def write_report(figures: Figures, out: Path, *, command: str, tests: int, seconds: float,
-                 durations: dict) -> None:
+                 durations: dict, xfailed: dict | None = None) -> None:
     sections = {name: figures.load(name) for name in SECTIONS}
     bad = sections["bad_inputs"]
     kill = sections["sigkill"]["values"]
@@ -102,7 +110,14 @@ def write_report(figures: Figures, out: Path, *, command: str, tests: int, secon
     corrupt_rows = ckpt["rows"]
     corruptions = len(corrupt_rows)
     detected = sum(r["detected"] for r in corrupt_rows)
-    faults = 2 + corruptions  # two SIGKILLs (a trial, a training right after a checkpoint), each corruption
+    generated = sections["generated_cli"]["values"]
+    matrix = sections["signal_matrix"]["rows"]
+    sweep_term = sections["sweep_sigterm"]["values"]
+    closed = sections["closed_classes"]["rows"]
+    # two SIGKILLs (a trial, a training right after a checkpoint), each corruption, each signal × phase
+    # cell, the SIGTERM to a sweep
+    faults = 2 + corruptions + len(matrix) + 1
+    inputs = len(rows) + generated["total"] + len(closed)
     metrics_expected = conc["expected_values"] + kill["expected_steps"] + kill["gap_expected_steps"]
     metrics_stored = conc["stored_values"] + kill["stored_steps"] + kill["gap_stored_steps"]
 
@@ -116,7 +131,8 @@ def write_report(figures: Figures, out: Path, *, command: str, tests: int, secon
         command,
         "```",
         "",
-        f"{tests} tests, all passed, in {seconds:.0f} s ({_versions()}). Every number below was "
+        f"{tests} tests, all passed{_xfail_note(xfailed)}, in {seconds:.0f} s ({_versions()}). "
+        "Every number below was "
         "measured by that run; `tests/reliability/report.py` writes this page at the end of a complete, "
         "passing run of the suite (a `-k` selection or a failure leaves it untouched).",
         "",
@@ -127,9 +143,15 @@ def write_report(figures: Figures, out: Path, *, command: str, tests: int, secon
         f"| bad input fails before launch | {len(rows)} broken inputs over {len(commands)} commands "
         f"({', '.join(commands)}): {len(rows)} exit codes ≠ 0, {tracebacks} tracebacks, "
         f"{runs_created} MLflow runs, {sweeps_created} sweep folders, {ray_started} Ray sessions |",
+        f"| inputs tried | {inputs:,}: {len(rows)} hand-written broken inputs, {generated['total']} generated "
+        f"by hypothesis (validate {generated['examples']['validate']}, train {generated['examples']['train']}, "
+        f"run {generated['examples']['run']}; {generated['validate_valid']} of the validate ones happened to be "
+        f"valid: exit 0), {len(closed)} cases of the red team's classes; all handled: exit 2, one `error:` "
+        f"block, 0 tracebacks, nothing created |",
         f"| faults injected | {faults}: a sweep's trial process SIGKILLed mid-training, a training "
         f"SIGKILLed right after writing a checkpoint, {corruptions} checkpoint corruptions (truncated, "
-        f"flipped, forged; {detected} detected) |",
+        f"flipped, forged; {detected} detected), {len(matrix)} signals (SIGTERM, SIGINT) × training phases, "
+        f"SIGTERM to a 2-trial sweep; all handled |",
         f"| trials lost | {kill['trials_lost']} of {kill['trials']} (each trial: exactly one MLflow run, "
         f"status `ok`) |",
         f"| metrics lost | {metrics_expected - metrics_stored} of {metrics_expected:,} logged values "
@@ -158,6 +180,52 @@ def write_report(figures: Figures, out: Path, *, command: str, tests: int, secon
             message = message[:147] + "…"
         lines.append(f"| {index} | `{row['command']}` | {_md(row['case'])} | {row['exit_code']} | "
                      f"{row['seconds']:.2f} | {_md(message)} |")
+
+    lines += [
+        "",
+        "## Generated inputs (hypothesis) through the CLI",
+        "",
+        f"`test_generated_cli.py` generates specs, configs and `--set` values (random types, NaN/±inf, "
+        f"integers up to 2²⁰⁰, sections given as scalars or lists, unknown keys in random unicode, random grid "
+        f"shapes, grids past max_trials, seeds and resources out of range) and gives each to "
+        f"`alwa_sweep.cli.main` with a fresh runs folder, work folder and SQLite store: "
+        f"{generated['examples']['validate']} to `validate` (any values: exit 0 when valid, else 2), "
+        f"{generated['examples']['train']} to `train` and {generated['examples']['run']} to `run` (each with one "
+        f"field invalid by construction, which the message must name). Every example: one `error:` block, "
+        f"no `Traceback`, no MLflow run, no sweep or work folder, no lock file, Ray not initialised.",
+        "",
+        "## Classes of the red team's list",
+        "",
+        "| case | exit | message (start) |",
+        "|---|---|---|",
+    ]
+    for row in closed:
+        message = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ]+", "<tmp>", row["message"]) if len(row["message"]) < 150 else row["message"][:147] + "…"
+        lines.append(f"| {_md(row['case'])} | {row['exit_code']} | {_md(message)} |")
+    lines += [
+        "",
+        "## Signals (SIGTERM, SIGINT) in each phase of a training",
+        "",
+        "`test_signal_matrix.py`: a real `alwa-sweep train` (tiny Faster R-CNN, data from `alwa-sweep "
+        "make-synthetic`, 64 px, `num_workers: 0`) in a child process that wraps the phase's function to wait "
+        "there; the signal is sent once the child is inside the phase. Checked: exit code 128 + signal, no "
+        "traceback, the MLflow run KILLED with `alwa.status` = `interrupted` and a reason naming the signal, "
+        "the work folder's lock free, no `.tmp` file, and `train --resume` finishing the same run `ok` where "
+        "a checkpoint exists.",
+        "",
+        "| phase | signal | exit | checkpoints left | resumed from | s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in matrix:
+        lines.append(f"| {row['phase']} | {row['signal']} | {row['exit_code']} | {row['checkpoints_left']} | "
+                     f"{row['resumed_from'] or '—'} | {row['seconds']:.1f} |")
+    lines += [
+        "",
+        f"**SIGTERM to `alwa-sweep run`** (2 trials training at once): exit code {sweep_term['exit_code']}; "
+        f"parent run {sweep_term['parent']}; trial runs {', '.join(sweep_term['trials'])}; "
+        f"{sweep_term['processes_seen']} processes of the driver's tree seen (raylet, GCS, workers), "
+        f"{sweep_term['processes_left']} left afterwards; the sweep folder's lock free.",
+    ]
 
     lines += [
         "",
@@ -264,5 +332,9 @@ def write_report(figures: Figures, out: Path, *, command: str, tests: int, secon
         per_test.setdefault(name.split("[")[0], []).append(seconds_taken)
     for name, times in sorted(per_test.items(), key=lambda item: -sum(item[1])):
         lines.append(f"| `{name}` | {len(times)} | {sum(times):.1f} |")
+    if xfailed:
+        lines += ["", "## Known bugs in files outside this suite's owner (expected failures)", "",
+                  "Each is an `xfail(strict=False)` test that passes once the owner fixes the file:", ""]
+        lines += [f"- `{name}`: {reason}" for name, reason in sorted(xfailed.items())]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
