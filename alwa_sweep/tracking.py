@@ -51,14 +51,19 @@ def default_tracking_uri(runs_dir: str | Path | None = None) -> str:
 
 
 def sqlite_uri(path: str | Path) -> str:
-    return f"sqlite:///{Path(path).resolve()}"
+    """The ``sqlite:///`` URI of a database file; '%', '?' and '#' are percent-quoted
+    (SQLAlchemy decodes them), so a folder named ``runs?x=1`` is not read as a query."""
+    text = str(Path(path).resolve())
+    return "sqlite:///" + text.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
 
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, else ``None``."""
     if not uri.startswith("sqlite:///"):
         return None
-    return Path(uri[len("sqlite:///"):])
+    from urllib.parse import unquote
+
+    return Path(unquote(uri[len("sqlite:///"):].split("?", 1)[0]))
 
 
 def check_tracking_server(uri: str, field: str = "--tracking-uri", timeout: float = 3.0) -> None:

@@ -219,8 +219,6 @@ def test_runs_dir_with_a_question_mark_is_refused(runs_dir, world, capsys, figur
     world.nothing_created()
 
 
-@pytest.mark.xfail(strict=False, reason="alwa_sweep/tracking.py (records engineer): sqlite_uri() puts a path "
-                   "holding '?' into the URI unquoted; SQLAlchemy reads the rest as a query and opens another file")
 def test_sqlite_uri_of_a_path_with_a_question_mark_opens_that_file(tmp_path):
     from alwa_sweep.tracking import open_store, sqlite_uri
 
@@ -249,14 +247,13 @@ def test_malformed_address_is_one_paragraph(address, world, capsys, figures):
     world.nothing_created()
 
 
-@pytest.mark.xfail(strict=False, reason="alwa_sweep/sweep_paths.py (cluster engineer): check_address reads "
-                   "urlparse(...).port, which raises ValueError for 'localhost:abc' (the commands wrap it)")
-def test_check_address_itself_turns_a_malformed_port_into_a_config_error():
-    from alwa_sweep.sweep_paths import check_address
+def test_the_address_parser_itself_turns_a_malformed_port_into_a_config_error():
+    from alwa_sweep.preflight import parse_address
     from trainers.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="--address"):
-        check_address("localhost:abc")
+    for address in ("localhost:abc", "localhost:99999", "host:-1"):
+        with pytest.raises(ConfigError, match="--address"):
+            parse_address(address)
 
 
 def test_run_name_of_a_moved_sweep_is_refused_too(world, capsys, figures):
