@@ -22,19 +22,19 @@ SECTIONS = ("bad_inputs", "sigkill", "corrupt_checkpoints", "concurrency", "secu
 # Guarantees that other test files already check end to end (not re-run here).
 ELSEWHERE = [
     ("Driver killed mid-sweep, then `alwa-sweep resume`: every trial finishes exactly once",
-     "tests/test_sweep.py::test_driver_killed_then_resumed_runs_every_trial_exactly_once",
+     "tests/alwa_sweep/test_sweep.py::test_driver_killed_then_resumed_runs_every_trial_exactly_once",
      "3 trials, driver SIGKILLed after the first finished; after resume 3 MLflow runs (one per trial "
      "key), all `ok`, `train/loss` steps exactly 1..24 in each"),
     ("A diverging trial never takes down the sweep",
-     "tests/test_sweep.py::test_local_sweep_isolates_a_diverging_trial",
+     "tests/alwa_sweep/test_sweep.py::test_local_sweep_isolates_a_diverging_trial",
      "3 trials, one with lr = 1e12: it ends with status `nan`, the two others `ok`, exit code 1, "
      "summary `ok=2 nan=1`"),
     ("Divergence inside the engine is a result, not a crash",
-     "tests/test_engine.py::test_non_finite_loss_ends_run_with_status_nan, "
+     "tests/trainers/test_engine.py::test_non_finite_loss_ends_run_with_status_nan, "
      "::test_overflowing_weighting_ends_run_with_status_overflow",
      "status `nan` / `overflow`, the run's last finite rows kept"),
     ("The MLflow UI binds loopback unless `--allow-remote`",
-     "tests/test_ui.py::test_ui_refuses_non_loopback_host_without_flag",
+     "tests/reports/test_ui.py::test_ui_refuses_non_loopback_host_without_flag",
      "`--host 0.0.0.0` without the flag: exit code 2, message naming `--allow-remote`"),
 ]
 

@@ -1,7 +1,7 @@
 """Faults during a sweep: a trial process killed with SIGKILL, corrupt checkpoints.
 
 The driver killed mid-sweep and a diverging trial are covered end to end in
-tests/test_sweep.py (see docs/reliability.md); they are not repeated here.
+tests/alwa_sweep/test_sweep.py (see docs/reliability.md); they are not repeated here.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def _kill_spec(data_root: str) -> dict:
                         "test_sets": ["2007/test"], "scale": [64, 64], "num_workers": 0},
             "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
             "schedule": {"unit": "iter", "max_iters": KILL_ITERS, "steps": [140], "warmup_iters": 10},
-            "train": {"batch_size": 2, "log_every": 5, "eval_every": 0, "checkpoint_every_iters": KILL_EVERY,
+            "train": {"batch_size": 2, "log_every": 5, "log_interval": 1, "eval_every": 0,
+                      "checkpoint_every_iters": KILL_EVERY,
                       "eval_max_images": 4},
         },
         "grid": {"weighting": [{"method": "none"}, {"method": "alwa", "variant": 1, "interval": 10}]},
@@ -315,7 +316,7 @@ def _tiny_config(data: dict, **train) -> dict:
         "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
         "weighting": {"method": "alwa", "variant": 1, "interval": 4},
         "schedule": {"unit": "iter", "max_iters": 20, "steps": [15], "warmup_iters": 4},
-        "train": {"batch_size": 4, "log_every": 5, "eval_every": 0, **train},
+        "train": {"batch_size": 4, "log_every": 5, "log_interval": 1, "eval_every": 0, **train},
     }
 
 

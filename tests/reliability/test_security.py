@@ -168,7 +168,7 @@ def test_ui_binds_loopback_by_default_and_offers_basic_auth(figures):
     readme = (REPO / "README.md").read_text()
     figures.add_row("security", {"check": "`alwa-sweep ui`", "result": (
         f"binds {args.host} unless told otherwise; a non-loopback --host needs --allow-remote (exit code 2 "
-        "without it: tests/test_ui.py and the bad-input table); --basic-auth serves MLflow's basic-auth app "
+        "without it: tests/reports/test_ui.py and the bad-input table); --basic-auth serves MLflow's basic-auth app "
         "and needs its secrets in the environment; the README documents it for shared servers")})
     assert "--app-name basic-auth" in readme and "alwa-sweep ui --basic-auth" in readme
 

@@ -51,7 +51,7 @@ def test_two_thousand_iterations_keep_memory_flat(tmp_path, figures):
         "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
         "weighting": {"method": "alwa", "variant": 1, "interval": 20},
         "schedule": {"unit": "iter", "max_iters": ITERATIONS, "steps": [1600], "warmup_iters": 100},
-        "train": {"batch_size": 2, "log_every": 20, "eval_every": 0, "eval_max_images": 4},
+        "train": {"batch_size": 2, "log_every": 20, "log_interval": 1, "eval_every": 0, "eval_max_images": 4},
     }
     started = time.perf_counter()
     result = train(config, workdir=tmp_path / "run", hooks=[logger, sampler])
