@@ -16,6 +16,8 @@ A delta whose interval excludes 0 is marked ``*``.
 
 from __future__ import annotations
 
+import os
+
 import math
 import sys
 import tempfile
@@ -86,6 +88,8 @@ def comparisons(trials: pd.DataFrame, metric_column: str) -> list[Comparison]:
 def _download(client, run_id: str, folder: Path) -> dict | None:
     from trainers.evaluation.detections_io import load_detections
 
+    # report shows its own progress bar: MLflow's per-file one would print a bar per trial
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         path = client.download_artifacts(run_id, S.ARTIFACT_DETECTIONS, str(folder / run_id))
     except (MlflowException, OSError):
