@@ -22,7 +22,6 @@ setting against its released file. AdamW (beyond the paper): lr 1e-4, weight dec
 from __future__ import annotations
 
 import copy
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
@@ -392,17 +391,6 @@ def _prefixed(exc: UserInputError, where: str) -> UserInputError:
 
 # ---- dotted keys, overrides ------------------------------------------------------------
 
-def deep_merge(base: dict, override: dict) -> dict:
-    """A copy of ``base`` with ``override`` merged in, nested dicts merged key by key."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """``"a.b.c=value"`` → ``("a.b.c", parsed value)``; the value is parsed as YAML
     under the same policy as files (``trainers.yamlio``)."""
@@ -472,7 +460,3 @@ def load_config(source, overrides=None) -> TrainingConfig:
     if not isinstance(raw, dict):
         raise ConfigError("config", f"expected a mapping of sections, got {_short_repr(raw)}.")
     return parse_config(apply_overrides(raw, overrides))
-
-
-def finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

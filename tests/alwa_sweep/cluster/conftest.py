@@ -114,3 +114,16 @@ def mlflow_server(tmp_path_factory):
     finally:
         stop(proc)
         log.close()
+
+
+@pytest.fixture
+def local_ray():
+    """A local single-node Ray runtime (never a cluster another test recorded)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()

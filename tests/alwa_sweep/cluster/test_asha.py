@@ -52,20 +52,6 @@ def _asha_spec(data: dict) -> dict:
     }
 
 
-@pytest.fixture
-def local_ray():
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_asha_stops_a_worse_trial_and_it_is_recorded_stopped(local_ray, synthetic_voc, tmp_path):
     from alwa_sweep.spec import load_spec

@@ -9,7 +9,6 @@ import time
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from alwa_sweep.cli import main
 from alwa_sweep.commands.jobs import dashboard_address, driver_arguments, submit

@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-import yaml
 
 from alwa_sweep.cli import main
 from cluster_helpers import tiny_spec_file

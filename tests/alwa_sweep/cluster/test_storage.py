@@ -82,20 +82,6 @@ def tiny_spec(data: dict, grid, **extra) -> dict:
     return spec
 
 
-@pytest.fixture
-def local_ray():
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_sweep_writes_tune_state_and_checkpoints_into_the_bucket(moto_s3, local_ray, synthetic_voc, tmp_path,
                                                                  monkeypatch):
