@@ -19,6 +19,7 @@ of mmdetection's config diffs but readable in one screen::
     scheduler: {type: none}           # or {type: asha, grace_period: 2, reduction_factor: 2}
     max_concurrent: null
     max_failures: 2                   # retries of a killed trial, from its last checkpoint
+    keep_checkpoints: 2               # checkpoints stored per trial (Tune's/Train's num_to_keep)
     max_trials: 1000                  # a guard against a grid larger than meant
     estimate: {hours_per_trial: 6.0}  # for `validate`'s resource-hours
 
@@ -121,6 +122,8 @@ class SpecFile(Section):
     scheduler: Scheduler = Field(default_factory=Scheduler)
     max_concurrent: Optional[int] = Field(None, ge=1, le=100_000)
     max_failures: int = Field(2, ge=0, le=100)
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="checkpoints stored per trial, the newest "
+                                  "(Tune's and Train's CheckpointConfig num_to_keep); the only copies there are")
     max_trials: int = Field(1000, ge=1, le=MAX_TRIALS, description="refuse a grid with more trials")
     estimate: Estimate = Field(default_factory=Estimate)
 
@@ -171,6 +174,7 @@ class Spec:
     max_concurrent: int | None
     max_failures: int
     estimate: Estimate
+    keep_checkpoints: int = 2
     raw: dict = field(repr=False, default_factory=dict)  # the spec as run (--set applied)
 
     @property
@@ -413,7 +417,7 @@ def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool =
     return Spec(name=name, description=top.description.strip(), experiment=experiment, base=base,
                 trials=trials, resources=top.resources, scheduler=top.scheduler,
                 max_concurrent=top.max_concurrent, max_failures=top.max_failures, estimate=top.estimate,
-                raw=raw)
+                keep_checkpoints=top.keep_checkpoints, raw=raw)
 
 
 def _refuse_emulate_in_configs(top: SpecFile) -> None:

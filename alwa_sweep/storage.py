@@ -158,6 +158,14 @@ def resolve_storage(uri: str | os.PathLike | None, default: str | os.PathLike | 
     return Storage(display, None, True, display, scheme)
 
 
+def sweep_storage(uri: str | None, sweep_name: str, sweep_dir: str | os.PathLike) -> Storage:
+    """Where a sweep's Tune state (``tune/``), checkpoints and Train runs (``train/``)
+    go: the ``--storage`` URI joined with the sweep's name, else the sweep folder."""
+    if not uri:
+        return resolve_storage(None, default=sweep_dir)
+    return resolve_storage(uri).join(sweep_name)
+
+
 def check_storage_writable(storage: Storage, *, field: str = FIELD) -> None:
     """Write and delete one small object (a remote store) or file (a folder); fail fast.
 

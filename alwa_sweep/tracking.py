@@ -322,7 +322,10 @@ class MlflowHook(TrainingHook):
     (``alwa_sweep.provenance``: code version, environment, dataset inputs) and starts
     ``logs/train.log`` (the ``trainers``/``alwa_sweep`` loggers and one line per point,
     uploaded at the end); ``system_metrics`` samples CPU/GPU/memory as ``system/…``;
-    ``log_model`` uploads the final checkpoint file under ``model/``.
+    ``log_model`` uploads the final checkpoint file under ``model/`` when it is written
+    (a sweep trial's engine hands its checkpoints to Tune, which deletes the file after).
+    The tag ``alwa.checkpoint`` names the last checkpoint, or ``checkpoint_location``
+    (where a sweep's storage keeps a trial's checkpoints) when given.
 
     Resuming (``start`` with ``start_iteration > 0``) continues the same run; steps
     already stored before the interruption are not written again. ``finish`` ends the
@@ -331,7 +334,7 @@ class MlflowHook(TrainingHook):
 
     def __init__(self, client: MlflowClient, run_id: str, background: bool = True, *,
                  provenance: bool = True, system_metrics: bool = False, log_model: bool = False,
-                 train_log: bool = True):
+                 train_log: bool = True, checkpoint_location: str | None = None):
         self.client = client
         self.run_id = run_id
         self._skip_until = 0
@@ -344,7 +347,8 @@ class MlflowHook(TrainingHook):
         self._total = 0
         self._started = None
         self._seconds_before = 0.0
-        self._last_checkpoint: Path | None = None
+        self.checkpoint_location = checkpoint_location
+        self._problems: list[str] = []  # met before finish, reported by it
         self._log = None
         self._monitor = None
 
@@ -374,9 +378,11 @@ class MlflowHook(TrainingHook):
             self.client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
         self.client.set_tag(self.run_id, TAG_STATUS, STATUS_RUNNING)
         self.client.log_text(self.run_id, yaml.safe_dump(resolved, sort_keys=False), ARTIFACT_CONFIG)
+        # Steps this run stored before (a restart from a checkpoint, or from scratch after a
+        # kill before the first one) are not written again.
+        history = self.client.get_metric_history(self.run_id, METRIC_LOSS)
+        self._skip_until = max((m.step for m in history), default=0)
         if start_iteration > 0:
-            history = self.client.get_metric_history(self.run_id, METRIC_LOSS)
-            self._skip_until = max((m.step for m in history), default=0)
             self._seconds_before = run.data.metrics.get(METRIC_FINAL_SECONDS, 0.0)
         self._aggregator = IntervalAggregator(config.train.log_interval, self._skip_until)
         if self.train_log:
@@ -448,9 +454,13 @@ class MlflowHook(TrainingHook):
         if path is None:
             return
         self.wait()
-        self._last_checkpoint = Path(path)
-        self.client.set_tag(self.run_id, TAG_CHECKPOINT, str(path))
+        self.client.set_tag(self.run_id, TAG_CHECKPOINT, self.checkpoint_location or str(path))
         _LOG.info("checkpoint at iteration %d: %s", iteration, path)
+        if self.log_model and iteration >= self._total:  # the final one: the trained model
+            try:
+                self.client.log_artifact(self.run_id, str(path), ARTIFACT_MODEL_DIR)
+            except Exception as exc:
+                self._problems.append(f"uploading the model failed: {exc}")
 
     def summary(self, metrics: dict) -> dict[str, float]:
         """The run's ``final/…`` metrics (``reports.schema``)."""
@@ -464,7 +474,7 @@ class MlflowHook(TrainingHook):
         return out
 
     def finish(self, status, reason, metrics):
-        problems = []
+        problems, self._problems = self._problems, []
         try:
             self._put(self._aggregator.flush())
             summary = self.summary(metrics)
@@ -490,11 +500,6 @@ class MlflowHook(TrainingHook):
             except Exception as exc:
                 _LOG.warning("system metrics: %s", exc)
             self._monitor = None
-        if self.log_model and status == STATUS_OK and self._last_checkpoint is not None:
-            try:
-                self.client.log_artifact(self.run_id, str(self._last_checkpoint), ARTIFACT_MODEL_DIR)
-            except Exception as exc:
-                problems.append(f"uploading the model failed: {exc}")
         if self._log is not None:
             log, self._log = self._log, None
             try:

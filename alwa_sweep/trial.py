@@ -14,15 +14,16 @@ Train V2 documents for Tune; only rank 0 logs to MLflow.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
+import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 from alwa_sweep.tracking import MlflowHook, end_run, find_runs_by_tag
 from reports.schema import (DONE_STATUSES, KIND_TRIAL, METRIC_LOSS, STATUS_ERROR, STATUS_INTERRUPTED, STATUS_PENDING, STATUS_RUNNING,
                             STATUS_STOPPED, TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRIAL_KEY)
 from alwa_sweep.schedulers import tune_result
+from trainers.checkpoint import check_checkpoint_file, list_checkpoints
 from trainers.engine import Diverged, train
 from trainers.hooks import TrainingHook
 
@@ -39,20 +40,12 @@ def find_or_create_trial_run(client, payload: dict):
     return client.create_run(payload["experiment_id"], run_name=payload["name"], tags=tags)
 
 
-def _checkpoint_for_report(path: Path):
-    """A Tune/Train checkpoint holding just this checkpoint file (and its digest)."""
-    from ray import tune
-
-    staging = Path(tempfile.mkdtemp(prefix="alwa_ckpt_"))
-    for source in (path, path.with_name(path.name + ".sha256")):
-        if source.exists():
-            shutil.copy2(source, staging / source.name)
-    return tune.Checkpoint.from_directory(str(staging)), staging
-
-
 class TuneReportHook(TrainingHook):
-    """Each checkpoint, with the latest loss and score, goes to ``report`` (Tune's or
-    Train's); every rank gets it (Train wants every rank to report)."""
+    """Each checkpoint, with the latest loss and score, goes to ``report``
+    (:func:`report_to_tune` or :func:`report_to_train`); every rank gets it (Train wants
+    every rank to report). The engine hands its checkpoints off
+    (``train(hand_off_checkpoints=True)``): ``report`` persists the folder into the
+    storage, the one durable copy, and the folder is deleted once it returns."""
 
     def __init__(self, report):
         self.report = report
@@ -69,61 +62,117 @@ class TuneReportHook(TrainingHook):
 
     def on_checkpoint(self, path, iteration, epoch):
         result = tune_result(iteration, epoch, STATUS_RUNNING, self.metrics, self.loss)
-        if path is None:
-            self._report(result, None)
-            return
-        checkpoint, staging = _checkpoint_for_report(Path(path))
+        folder = Path(path).parent if path is not None else None
         try:
-            self._report(result, checkpoint)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-    def _report(self, result: dict, checkpoint) -> None:
-        try:
-            self.report(result, checkpoint=checkpoint)
+            self.report(result, folder)
         except SystemExit:  # Tune stopped this trial (ASHA) while it waited in report()
             raise Diverged(STATUS_STOPPED, f"stopped early by the scheduler at epoch {result['epoch']}") from None
-
-
-def _resume_source(get_checkpoint, workdir: Path):
-    """Whether to resume from the trial's checkpoint folder (``True``) or start afresh.
-
-    The framework's checkpoint (Tune's copy of the last reported one) is added to that
-    folder when it is missing there (a restart on another node), never over a file
-    already present: the engine then loads the newest checkpoint that passes its
-    digest and falls back to the previous one, with a warning, when that one is
-    truncated or corrupt. A lone copy in a temporary folder had nothing to fall back to.
-    """
-    checkpoint = get_checkpoint()
-    own = workdir / "checkpoints"
-    if checkpoint is not None:
-        own.mkdir(parents=True, exist_ok=True)
-        local = Path(tempfile.mkdtemp(prefix="alwa_restore_"))
-        try:
-            checkpoint.to_directory(str(local))
-            for source in sorted(local.iterdir(), key=lambda p: p.suffix == ".pt"):  # digest first
-                target = own / source.name
-                if not target.exists():
-                    partial = target.with_name(target.name + f".restore{os.getpid()}")
-                    shutil.copy2(source, partial)
-                    os.replace(partial, target)  # ranks sharing the folder never see half a file
         finally:
-            shutil.rmtree(local, ignore_errors=True)
-        return True
-    if own.is_dir():
-        return True
-    return None
+            if folder is not None:  # persisted by report (synchronously), or the trial ends here
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def report_to_tune(result: dict, folder: Path | None) -> None:
+    """``tune.report``: Tune copies ``folder`` into the trial's ``checkpoint_NNNNNN``
+    (``ray/train/_internal/session.py``: ``persist_current_checkpoint``) before it returns."""
+    from ray import tune
+
+    tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(folder)) if folder else None)
+
+
+def report_to_train(result: dict, folder: Path | None) -> None:
+    """``ray.train.report`` from a Train worker (rank 0 has the checkpoint); synchronous
+    upload, into a folder named after the engine's (``checkpoint_<iteration>``)."""
+    import ray.train
+
+    if folder is None:
+        ray.train.report(result, checkpoint=None)
+        return
+    ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                     checkpoint_dir_name=folder.name.replace("ckpt_", "checkpoint_"))
+
+
+class RestoredCheckpoint(TrainingHook):
+    """The checkpoint a restarted trial resumes from, as a local folder (``folder``;
+    ``None``: start afresh).
+
+    ``get_checkpoint()`` is the framework's last persisted checkpoint. On a local or
+    shared file system that is the storage folder itself (no copy); from a bucket it is
+    downloaded into a temporary folder, deleted as soon as the engine has loaded it
+    (``start``) or the run ended before (``finish``, :meth:`release`). A truncated or
+    corrupt newest checkpoint (its SHA-256 digest) is skipped, with a warning, for the
+    one persisted before it: the sibling ``checkpoint_*`` folders of the storage.
+    """
+
+    def __init__(self, get_checkpoint):
+        self._held = ExitStack()
+        self.folder: Path | None = None
+        checkpoint = get_checkpoint()
+        if checkpoint is not None:
+            self.folder = self._first_intact(checkpoint)
+
+    def _first_intact(self, checkpoint) -> Path | None:
+        for candidate in _newest_first(checkpoint):
+            attempt = ExitStack()
+            folder = Path(attempt.enter_context(candidate.as_directory()))
+            problem = _problem(folder)
+            if problem is None:
+                self._held = attempt
+                return folder
+            attempt.close()
+            warnings.warn(f"skipping corrupt checkpoint {candidate.path}: {problem}; falling back to the "
+                          "previous one", stacklevel=2)
+        return None
+
+    def release(self) -> None:
+        self._held.close()
+
+    def start(self, config, start_iteration, total_iterations):
+        self.release()
+
+    def finish(self, status, reason, metrics):
+        self.release()
+
+
+def _problem(folder: Path) -> str | None:
+    files = list_checkpoints(folder)
+    if not files:
+        return "no ckpt_<iteration>.pt file in it"
+    return check_checkpoint_file(files[-1])
+
+
+def _newest_first(checkpoint) -> list:
+    """``checkpoint``, then the older ``checkpoint_*`` folders beside it in its storage."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+
+    parent, name = posixpath.split(checkpoint.path.rstrip("/"))
+    try:
+        infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+    except OSError:
+        infos = []
+    older = sorted((info.path for info in infos if info.type == pafs.FileType.Directory
+                    and info.base_name.startswith("checkpoint_") and info.base_name < name), reverse=True)
+    return [checkpoint] + [type(checkpoint)(path, filesystem=checkpoint.filesystem) for path in older]
 
 
 def _train_with_logging(payload: dict, report, get_checkpoint, device=None, is_main=True):
     from mlflow.tracking import MlflowClient
 
     workdir = Path(payload["workdir"])
-    hooks = [TuneReportHook(report)]
+    if is_main:  # an earlier attempt's unreported checkpoint (killed mid-report) is not a copy to keep
+        shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+    restored = RestoredCheckpoint(get_checkpoint)
+    hooks = [restored, TuneReportHook(report)]
     if is_main:  # only rank 0 logs
-        hooks.insert(0, MlflowHook(MlflowClient(payload["tracking_uri"]), payload["run_id"]))
-    resume = _resume_source(get_checkpoint, workdir)
-    return train(payload["config"], workdir=workdir, hooks=hooks, resume=resume, device=device)
+        hooks.insert(0, MlflowHook(MlflowClient(payload["tracking_uri"]), payload["run_id"],
+                                   checkpoint_location=payload.get("checkpoints")))
+    try:
+        return train(payload["config"], workdir=workdir, hooks=hooks, resume=restored.folder, device=device,
+                     hand_off_checkpoints=True)
+    finally:
+        restored.release()
 
 
 def run_trial(params: dict) -> None:
@@ -144,7 +193,7 @@ def run_trial(params: dict) -> None:
             # Rank 0's last ray.train.report reaches Tune through TuneReportCallback.
             _run_distributed(payload)
             return
-        result = _train_with_logging(payload, tune.report, tune.get_checkpoint)
+        result = _train_with_logging(payload, report_to_tune, tune.get_checkpoint)
         if result.status == STATUS_STOPPED:
             return  # Tune takes no more results from a stopped trial
     except Exception as exc:  # recorded in MLflow (again, if the engine got that far); the sweep goes on
@@ -154,15 +203,21 @@ def run_trial(params: dict) -> None:
     tune.report(tune_result(result.iterations, _last_epoch(result), result.status, result.metrics))
 
 
-def _train_storage(payload: dict) -> dict:
-    """Where Ray Train keeps a DDP trial's runs: the sweep's ``--storage``, else its folder."""
-    from alwa_sweep.storage import resolve_storage
+TRAIN_NAME = "train"  # Ray Train's runs of DDP trials, beside Tune's state in the sweep's storage
 
-    if payload.get("storage"):
-        storage = resolve_storage(payload["storage"]).join(payload["sweep_name"], "train")
-    else:
-        storage = resolve_storage(payload["train_storage"])
-    return storage.run_config_kwargs()
+
+def train_run_name(key: str) -> str:
+    return f"train-{key}"
+
+
+def _train_storage(payload: dict) -> dict:
+    """Where Ray Train keeps a DDP trial's runs: ``train/`` in the sweep's storage."""
+    from alwa_sweep.storage import sweep_storage
+
+    # a sweep launched before "sweep_dir" was in the payload named its train folder instead
+    sweep_dir = payload.get("sweep_dir") or str(Path(payload["train_storage"]).parent)
+    storage = sweep_storage(payload.get("storage"), payload["sweep_name"], sweep_dir)
+    return storage.join(TRAIN_NAME).run_config_kwargs()
 
 
 def _train_worker(payload: dict) -> None:
@@ -171,7 +226,7 @@ def _train_worker(payload: dict) -> None:
     import ray.train.torch
 
     is_main = ray.train.get_context().get_world_rank() == 0
-    result = _train_with_logging(payload, ray.train.report, ray.train.get_checkpoint,
+    result = _train_with_logging(payload, report_to_train, ray.train.get_checkpoint,
                                  device=ray.train.torch.get_device(), is_main=is_main)
     ray.train.report(tune_result(result.iterations, _last_epoch(result), result.status, result.metrics),
                      checkpoint=None)
@@ -198,8 +253,10 @@ def _run_distributed(payload: dict) -> None:
                                                resources_per_worker=per_worker,
                                                accelerator_type=payload.get("accelerator_type"),
                                                placement_strategy=payload.get("placement_strategy", "PACK")),
-        run_config=ray.train.RunConfig(name=f"train-{payload['key']}", **_train_storage(payload),
+        run_config=ray.train.RunConfig(name=train_run_name(payload["key"]), **_train_storage(payload),
                                        callbacks=[TuneReportCallback()],
+                                       checkpoint_config=ray.train.CheckpointConfig(
+                                           num_to_keep=payload.get("keep_checkpoints", 2)),
                                        failure_config=ray.train.FailureConfig(max_failures=payload["max_failures"])),
     )
     trainer.fit()

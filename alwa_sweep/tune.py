@@ -34,7 +34,7 @@ from reports.schema import (ARTIFACT_SPEC, EXPECTED_STATUSES, FINAL_STATUSES, KI
                             STATUS_INTERRUPTED, STATUS_RUNNING, SWEEP_FINISHED, SWEEP_INCOMPLETE, TAG_KIND, TAG_NOTE,
                             TAG_PARENT, TAG_STATUS, TAG_SUMMARY, TAG_SWEEP, TAG_TRIAL_KEY)
 from trainers.errors import Interrupted
-from alwa_sweep.trial import run_trial
+from alwa_sweep.trial import TRAIN_NAME, run_trial, train_run_name
 
 TUNE_NAME = "tune"
 
@@ -71,7 +71,7 @@ def _payloads(spec: Spec, sweep_dir: Path, state: dict) -> list[dict]:
         "name": trial.name,
         "config": trial.config.dump(),  # plain data: Tune restores placeholders for objects
         "workdir": str(sweep_dir / "trials" / trial.key),
-        "train_storage": str(sweep_dir / "train"),
+        "sweep_dir": str(sweep_dir),
         "storage": state.get("storage"),
         "tracking_uri": state["tracking_uri"],
         "experiment_id": state["experiment_id"],
@@ -84,7 +84,17 @@ def _payloads(spec: Spec, sweep_dir: Path, state: dict) -> list[dict]:
         "accelerator_type": resources.accelerator_type,
         "placement_strategy": resources.placement_strategy,
         "max_failures": spec.max_failures,
+        "keep_checkpoints": spec.keep_checkpoints,
+        "checkpoints": _checkpoint_location(spec, state, sweep_dir, trial.key),
     } for trial in spec.trials]
+
+
+def _checkpoint_location(spec: Spec, state: dict, sweep_dir: Path, key: str) -> str:
+    """Where a trial's checkpoints are stored (its MLflow tag ``alwa.checkpoint``)."""
+    storage = _storage(sweep_dir, state)
+    if spec.resources.workers > 1:  # Ray Train's run folder (alwa_sweep.trial._run_distributed)
+        return storage.join(TRAIN_NAME, train_run_name(key)).display
+    return storage.join(TUNE_NAME, key).display
 
 
 def prepare_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str, storage: str | None = None) -> dict:
@@ -118,7 +128,6 @@ def _param(key, value):
 
 
 # ---- ray init, scheduler, storage (alwa_sweep.preflight / schedulers / storage) ----
-CHECKPOINTS_KEPT = 2  # Tune keeps the newest N checkpoints of a trial in the storage
 
 
 def _init_ray(address: str | None, num_cpus: int | None):
@@ -143,12 +152,9 @@ def _scheduler(spec: Spec):
 def _storage(sweep_dir: Path, state: dict):
     """Where Tune and Train write: ``state["storage"]`` (the ``--storage`` URI) or, by
     default, the sweep folder itself (Tune's state in ``<sweep>/tune``)."""
-    from alwa_sweep.storage import resolve_storage
+    from alwa_sweep.storage import sweep_storage
 
-    uri = state.get("storage")
-    if not uri:
-        return resolve_storage(None, default=sweep_dir)
-    return resolve_storage(uri).join(state["name"])
+    return sweep_storage(state.get("storage"), state["name"], sweep_dir)
 
 
 def _tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int | None, progress):
@@ -220,7 +226,8 @@ def _run_config(spec: Spec, sweep_dir: Path, progress, storage=None):
     return tune.RunConfig(
         name=TUNE_NAME, **storage.run_config_kwargs(),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        # the only stored copies of a trial's checkpoints (the engine hands its own off)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints),
         # each trial's output in its folder, uploaded with it (alwa_sweep.trial_logs)
         log_to_file=("stdout.log", "stderr.log"), sync_config=tune.SyncConfig(sync_artifacts=True),
         callbacks=callbacks, verbose=0)

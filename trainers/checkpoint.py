@@ -32,8 +32,9 @@ def _digest(path: Path) -> str:
     return sha.hexdigest()
 
 
-def save_checkpoint(state: dict, directory: str | Path, iteration: int, keep: int = 3) -> Path:
-    """Write ``state`` for ``iteration``; keep the newest ``keep`` checkpoints.
+def save_checkpoint(state: dict, directory: str | Path, iteration: int, keep: int | None = 3) -> Path:
+    """Write ``state`` for ``iteration``; keep the newest ``keep`` checkpoints of
+    ``directory`` (``None``: remove none).
 
     On any write error (disk full, quota, permissions, a vanished folder) the temporary
     files are removed, the existing checkpoints are left as they were, and
@@ -64,7 +65,7 @@ def save_checkpoint(state: dict, directory: str | Path, iteration: int, keep: in
         if path.exists() and not path.with_name(path.name + ".sha256").exists():
             _remove_quietly(path)
         raise
-    for old in list_checkpoints(directory)[:-keep]:
+    for old in list_checkpoints(directory)[:-keep] if keep is not None else ():
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return path

@@ -133,11 +133,12 @@ class Run:
     """
 
     def __init__(self, config: TrainingConfig, device: torch.device, workdir: Path,
-                 hooks: TrainingHook | None = None):
+                 hooks: TrainingHook | None = None, hand_off_checkpoints: bool = False):
         self.config = config
         self.device = device
         self.hooks = hooks or Hooks()
         self.checkpoint_dir = Path(workdir) / "checkpoints"
+        self.hand_off_checkpoints = hand_off_checkpoints
         self.position = Position()
         self.evaluations: list = []  # (epoch, metrics) per evaluation
         self.buffer = RecordBuffer()
@@ -216,7 +217,12 @@ class Run:
             # The rows a checkpoint covers are stored before its file exists: a run killed
             # in between and resumed from that file never logs those steps again.
             self.hooks.wait()
-            path = save_checkpoint(self.state_dict(), self.checkpoint_dir, self.position.iteration)
+            iteration = self.position.iteration
+            if self.hand_off_checkpoints:  # a folder of its own, left to the hooks (see train)
+                path = save_checkpoint(self.state_dict(), self.checkpoint_dir / f"ckpt_{iteration:08d}", iteration,
+                                       keep=None)
+            else:
+                path = save_checkpoint(self.state_dict(), self.checkpoint_dir, iteration)
             self.last_checkpoint = path
         self.hooks.on_checkpoint(path, self.position.iteration, self.position.epoch)
 
@@ -458,7 +464,8 @@ def _resume(run: Run, resume) -> None:
 
 
 def train(config, *, workdir: str | Path, hooks: Iterable[TrainingHook] = (),
-          resume: str | Path | bool | None = None, device: torch.device | str | None = None) -> TrainResult:
+          resume: str | Path | bool | None = None, device: torch.device | str | None = None,
+          hand_off_checkpoints: bool = False) -> TrainResult:
     """Train one detector as ``config`` says (a :class:`TrainingConfig`, or a mapping or
     YAML path parsed into one); checkpoints go to ``workdir/checkpoints``.
 
@@ -467,6 +474,13 @@ def train(config, *, workdir: str | Path, hooks: Iterable[TrainingHook] = (),
     each hook's ``finish`` is called exactly once with the run's status.
     ``resume``: a checkpoint file or directory, or ``True`` for ``workdir/checkpoints``.
     ``device`` overrides ``train.device``.
+
+    The newest 3 checkpoints are kept in ``workdir/checkpoints``. With
+    ``hand_off_checkpoints`` the engine keeps none: each one is written into a folder of
+    its own, ``workdir/checkpoints/ckpt_<iteration>/`` (the file and its digest), that
+    the hook receiving ``on_checkpoint`` persists and deletes — a sweep trial hands it
+    to Ray Tune or Ray Train, whose ``num_to_keep`` is then the number of copies that
+    exist (``alwa_sweep.trial``).
     """
     config = load_config(config)
     hooks = Hooks(hooks)
@@ -474,7 +488,7 @@ def train(config, *, workdir: str | Path, hooks: Iterable[TrainingHook] = (),
     started = time.perf_counter()
     try:
         device = torch.device(device) if device is not None else select_device(config.train.device)
-        run = Run(config, device, Path(workdir), hooks)
+        run = Run(config, device, Path(workdir), hooks, hand_off_checkpoints=hand_off_checkpoints)
         _resume(run, resume)
         if run.evaluations:
             result.metrics = dict(run.evaluations[-1][1])

@@ -279,34 +279,39 @@ def test_every_checkpoint_corrupt_gives_none_not_garbage(tmp_path, figures):
     assert len(flagged) == 3
 
 
+def _tune_trial_folder(root: Path, iterations=(10, 20, 30)) -> list[Path]:
+    """Checkpoints as Tune stores a trial's: ``checkpoint_00000N/ckpt_<iteration>.pt``."""
+    return [_states(root / f"checkpoint_{n:06d}", (iteration,))[0] for n, iteration in enumerate(iterations)]
+
+
 def test_trial_restart_falls_back_when_tunes_copy_is_corrupt(tmp_path, figures):
-    """A restarted trial: Tune hands back its copy of the last reported checkpoint."""
+    """A restarted trial resumes from the storage's newest checkpoint, or the one before."""
     from ray import tune
 
-    from alwa_sweep.trial import _resume_source
+    from alwa_sweep.trial import RestoredCheckpoint
 
-    workdir = tmp_path / "trial"
-    own = _states(workdir / "checkpoints", (10, 20))
-    tune_copy = tmp_path / "tune_copy"
-    newest = _states(tune_copy, (30,))[0]
-    _truncate(newest)
-    resume = _resume_source(lambda: tune.Checkpoint.from_directory(str(tune_copy)), workdir)
-    assert resume is True
-    state, path, messages = _load_expecting_fallback(workdir / "checkpoints")
+    stored = _tune_trial_folder(tmp_path / "tune" / "trial")
+    _truncate(stored[-1])
+    with pytest.warns(UserWarning, match="skipping corrupt checkpoint") as caught:
+        restored = RestoredCheckpoint(lambda: tune.Checkpoint.from_directory(str(stored[-1].parent)))
+    messages = [w for w in caught if "skipping corrupt checkpoint" in str(w.message)]
+    assert restored.folder == stored[-2].parent  # the storage's own folder: no copy on a local disk
+    state, path = load_latest_checkpoint(restored.folder)
     figures.add_row("corrupt_checkpoints", {
-        "corruption": "Tune's copy of the last reported checkpoint truncated",
+        "corruption": "the newest checkpoint Tune stored for a trial truncated",
         "level": "trial restart (alwa_sweep.trial)", "detected_by": "SHA-256 digest",
-        "detected": len(messages) == 1, "fell_back_to": f"iteration {state['iteration']} in the trial's folder"})
-    assert path == own[-1] and state["iteration"] == 20 and len(messages) == 1
+        "detected": len(messages) == 1,
+        "fell_back_to": f"iteration {state['iteration']}, the trial's previous checkpoint in the storage"})
+    assert path == stored[-2] and state["iteration"] == 20 and len(messages) == 1
+    restored.release()
+    assert all(p.exists() for p in stored)  # nothing of the storage is deleted by a restore
 
-    # a restart on a node without the trial's folder still gets Tune's (good) copy
-    fresh = tmp_path / "other_node"
-    good = _states(tmp_path / "tune_good", (30,))[0]
-    assert _resume_source(lambda: tune.Checkpoint.from_directory(str(good.parent)), fresh) is True
-    state, path = load_latest_checkpoint(fresh / "checkpoints")
-    assert state["iteration"] == 30 and (fresh / "checkpoints" / (good.name + ".sha256")).exists()
+    for path in stored:  # every stored checkpoint corrupt: start afresh, never from garbage
+        _flip_byte(path)
+    with pytest.warns(UserWarning, match="skipping corrupt checkpoint"):
+        assert RestoredCheckpoint(lambda: tune.Checkpoint.from_directory(str(stored[-1].parent))).folder is None
     # and without any checkpoint the trial starts afresh
-    assert _resume_source(lambda: None, tmp_path / "new_trial") is None
+    assert RestoredCheckpoint(lambda: None).folder is None
 
 
 def _tiny_config(data: dict, **train) -> dict:
