@@ -379,7 +379,8 @@ def train_one_epoch(run: Run) -> None:
         run.hooks.on_iteration(position.iteration)
         if position.iteration % train_cfg.log_every == 0:
             run.flush()
-        if every and position.iteration % every == 0 and position.epoch_batches < run.iters_per_epoch:
+        if (every and position.iteration % every == 0 and position.epoch_batches < run.iters_per_epoch
+                and position.iteration < run.schedule.total_iters):  # the epoch's end and the last: _train_epochs
             run.flush()
             run.checkpoint()
 

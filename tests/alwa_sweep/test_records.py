@@ -4,7 +4,6 @@ PostgreSQL-backed ``mlflow server`` with the longest shipped trial names."""
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import subprocess
 import sys

@@ -20,30 +20,11 @@ from alwa_sweep.cli import main
 from alwa_sweep.spec import expand_grid, load_spec
 from alwa_sweep.tracking import sqlite_uri
 from trainers.errors import UserInputError
+from sweep_specs import tiny_sweep_spec as tiny_spec
 
 REPO = Path(__file__).resolve().parents[2]
 # released.yaml is the released settings the specs are checked against, not a spec.
 SPECS = sorted(p for p in (REPO / "search_spaces").glob("*.yaml") if p.name != "released.yaml")
-
-
-def tiny_spec(data: dict, grid, **extra) -> dict:
-    spec = {
-        "name": "testsweep",
-        "experiment": "sweep-test",
-        "base": {
-            "dataset": {"kind": "voc", "root": str(data["root"]), "train_sets": data["train_sets"],
-                        "test_sets": data["test_sets"], "scale": [128, 128], "num_workers": 0},
-            "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
-            "schedule": {"unit": "iter", "max_iters": 16, "steps": [12], "warmup_iters": 4},
-            "train": {"batch_size": 4, "log_every": 4, "eval_every": 0, "checkpoint_every_iters": 8,
-                      "log_interval": 1},
-        },
-        "grid": grid,
-        "resources": {"cpus_per_worker": 1},
-        "max_failures": 1,
-    }
-    spec.update(extra)
-    return spec
 
 
 # ---------------------------------------------------------------- specs
@@ -174,13 +155,21 @@ def test_local_sweep_isolates_a_diverging_trial(local_ray, synthetic_voc, tmp_pa
 @pytest.mark.slow
 def test_two_worker_gloo_trial_logs_once(local_ray, synthetic_voc, tmp_path):
     spec_dict = tiny_spec(synthetic_voc, {"weighting": [{"method": "alwa", "interval": 4}]},
-                          resources={"workers": 2, "cpus_per_worker": 0.5}, max_concurrent=1)
+                          resources={"workers": 2, "cpus_per_worker": 0.5}, max_concurrent=1,
+                          train={"checkpoint_every_iters": 4})
     spec = load_spec(spec_dict)
     from alwa_sweep.tune import run_sweep
 
     uri = sqlite_uri(tmp_path / "mlflow.db")
-    summary = run_sweep(spec, tmp_path / "sweeps" / "ddp", uri, progress=False)
+    sweep_dir = tmp_path / "sweeps" / "ddp"
+    summary = run_sweep(spec, sweep_dir, uri, progress=False)
     assert summary.line() == "ok=1"
+    # Ray Train stored the newest 2 (keep_checkpoints) of 5 checkpoints (4, 6 = an epoch, 8,
+    # 12, 16), named after their iteration; the engine's hand-off folders are gone
+    stored = sorted(p.relative_to(sweep_dir / "train" / f"train-{spec.trials[0].key}").as_posix()
+                    for p in (sweep_dir / "train").rglob("*.pt"))
+    assert stored == ["checkpoint_00000012/ckpt_00000012.pt", "checkpoint_00000016/ckpt_00000016.pt"], stored
+    assert list(sweep_dir.rglob("*.pt")) == [p for p in (sweep_dir / "train").rglob("*.pt")]
     client = MlflowClient(uri)
     _, children = _children(client, "sweep-test")
     assert len(children) == 1

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from alwa_sweep.schedulers import build_scheduler, scheduler_metric, tune_result
 from alwa_sweep.tracking import sqlite_uri
 from reports.schema import STATUS_OK, STATUS_STOPPED, TAG_REASON, TAG_STATUS
+from sweep_specs import tiny_sweep_spec
 
 
 def test_metric_defaults_to_the_main_metric_and_takes_short_names():
@@ -34,22 +35,13 @@ def test_no_score_before_the_first_evaluation():
 
 
 def _asha_spec(data: dict) -> dict:
-    return {
-        "name": "ashasweep", "experiment": "asha-test",
-        "base": {
-            "dataset": {"kind": "voc", "root": str(data["root"]), "train_sets": data["train_sets"],
-                        "test_sets": data["test_sets"], "scale": [128, 128], "num_workers": 0},
-            "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
-            "schedule": {"unit": "epoch", "epochs": 2, "steps": [2], "warmup_iters": 2},
-            "train": {"batch_size": 4, "log_every": 2, "eval_every": 0, "checkpoint_every_iters": 1000},
-        },
-        # in grid order (one at a time): a learning trial, then two that do not learn
-        "grid": {"variant": [{"optimizer.lr": 0.01}, {"optimizer.lr": 1.0e-9}, {"optimizer.lr": 1.0e-9,
-                                                                                "train.seed": 1}]},
-        "resources": {"cpus_per_worker": 1}, "max_concurrent": 1, "max_failures": 0,
-        "scheduler": {"type": "asha", "metric": "loss", "mode": "min", "grace_period": 1,
-                      "reduction_factor": 2},
-    }
+    # in grid order (one at a time): a learning trial, then two that do not learn
+    grid = {"variant": [{"optimizer.lr": 0.01}, {"optimizer.lr": 1.0e-9}, {"optimizer.lr": 1.0e-9, "train.seed": 1}]}
+    return tiny_sweep_spec(data, grid, name="ashasweep", experiment="asha-test",
+                           schedule={"unit": "epoch", "epochs": 2, "steps": [2], "warmup_iters": 2},
+                           train={"log_every": 2, "checkpoint_every_iters": 1000}, max_concurrent=1, max_failures=0,
+                           scheduler={"type": "asha", "metric": "loss", "mode": "min", "grace_period": 1,
+                                      "reduction_factor": 2})
 
 
 @pytest.mark.slow

@@ -12,25 +12,16 @@ import time
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from sweep_specs import tiny_sweep_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 ITERS = 40
 
 
 def _spec(data: dict) -> dict:
-    return {
-        "name": "e2e", "experiment": "cluster-e2e",
-        "base": {
-            "dataset": {"kind": "voc", "root": str(data["root"]), "train_sets": data["train_sets"],
-                        "test_sets": data["test_sets"], "scale": [128, 128], "num_workers": 0},
-            "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
-            "schedule": {"unit": "iter", "max_iters": ITERS, "steps": [30], "warmup_iters": 2},
-            "train": {"batch_size": 4, "log_every": 4, "log_interval": 1, "eval_every": 0,
-                      "checkpoint_every_iters": 4},
-        },
-        "grid": {"weighting.method": ["none", "alwa"]},
-        "resources": {"cpus_per_worker": 1}, "max_concurrent": 2, "max_failures": 3,
-    }
+    return tiny_sweep_spec(data, {"weighting.method": ["none", "alwa"]}, name="e2e", experiment="cluster-e2e",
+                           schedule={"unit": "iter", "max_iters": ITERS, "steps": [30], "warmup_iters": 2},
+                           train={"checkpoint_every_iters": 4}, max_concurrent=2, max_failures=3)
 
 
 def _steps(client, run_id):

@@ -11,6 +11,9 @@ from mlflow.tracking import MlflowClient
 from alwa_sweep.storage import check_storage_writable, list_files, resolve_storage, s3_filesystem
 from alwa_sweep.tracking import sqlite_uri
 from trainers.errors import ConfigError
+from sweep_specs import tiny_sweep_spec
+
+TINY_SCHEDULE = {"unit": "iter", "max_iters": 8, "steps": [6], "warmup_iters": 2}
 
 
 def test_local_paths_are_made_absolute(tmp_path, monkeypatch):
@@ -66,22 +69,6 @@ def test_missing_bucket_fails_before_anything_runs(moto_s3):
     assert [k for k in moto_s3["keys"]() if not k.endswith("/")] == []
 
 
-def tiny_spec(data: dict, grid, **extra) -> dict:
-    spec = {
-        "name": "clustersweep", "experiment": "cluster-test",
-        "base": {
-            "dataset": {"kind": "voc", "root": str(data["root"]), "train_sets": data["train_sets"],
-                        "test_sets": data["test_sets"], "scale": [128, 128], "num_workers": 0},
-            "model": {"detector": "faster_rcnn", "backbone": "tiny", "pretrained": "none"},
-            "schedule": {"unit": "iter", "max_iters": 8, "steps": [6], "warmup_iters": 2},
-            "train": {"batch_size": 4, "log_every": 4, "eval_every": 0, "checkpoint_every_iters": 4},
-        },
-        "grid": grid, "resources": {"cpus_per_worker": 1}, "max_failures": 1,
-    }
-    spec.update(extra)
-    return spec
-
-
 @pytest.mark.slow
 def test_sweep_writes_tune_state_and_checkpoints_into_the_bucket(moto_s3, local_ray, synthetic_voc, tmp_path,
                                                                  monkeypatch):
@@ -89,7 +76,9 @@ def test_sweep_writes_tune_state_and_checkpoints_into_the_bucket(moto_s3, local_
     from alwa_sweep.tune import run_sweep
 
     monkeypatch.chdir(tmp_path)
-    spec = load_spec(tiny_spec(synthetic_voc, {"weighting.method": ["none", "alwa"]}, max_concurrent=2))
+    spec = load_spec(tiny_sweep_spec(synthetic_voc, {"weighting.method": ["none", "alwa"]}, max_concurrent=2,
+                                     name="clustersweep", experiment="cluster-test", schedule=TINY_SCHEDULE,
+                                     train={"checkpoint_every_iters": 2}))
     uri = sqlite_uri(tmp_path / "mlflow.db")
     storage = f"s3://{moto_s3['bucket']}/sweeps"
     summary = run_sweep(spec, tmp_path / "runs" / "s3sweep", uri, progress=False, storage=storage)
@@ -97,10 +86,15 @@ def test_sweep_writes_tune_state_and_checkpoints_into_the_bucket(moto_s3, local_
     keys = moto_s3["keys"]("sweeps/s3sweep/tune/")
     assert any(k.endswith("tuner.pkl") for k in keys)
     assert any(Path(k).name.startswith("experiment_state") for k in keys)
-    for trial in spec.trials:  # each trial's checkpoints are in the bucket, num_to_keep honoured
-        checkpoints = {k.split("/")[4] for k in keys
-                       if k.startswith(f"sweeps/s3sweep/tune/{trial.key}/checkpoint_")}
-        assert 1 <= len(checkpoints) <= 2, checkpoints
+    sizes = []
+    for trial in spec.trials:  # the newest 2 of each trial's 4 checkpoints, only in the bucket
+        prefix = f"sweeps/s3sweep/tune/{trial.key}/checkpoint_"
+        stored = sorted(k for k in keys if k.startswith(prefix) and k.endswith(".pt"))
+        assert [k.rsplit("/", 1)[1] for k in stored] == ["ckpt_00000006.pt", "ckpt_00000008.pt"], stored
+        sizes.append(sum(moto_s3["client"].head_object(Bucket=moto_s3["bucket"], Key=k)["ContentLength"]
+                         for k in stored))
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pt.tmp"))  # no local copy left
+    print(f"\ncheckpoint bytes per trial in the bucket (keep_checkpoints=2): {sizes}")
     assert not list(tmp_path.rglob("s3:*")) and not (tmp_path / "s3:").exists()
     state = json.loads((tmp_path / "runs" / "s3sweep" / "sweep.json").read_text())
     assert state["storage"] == storage
