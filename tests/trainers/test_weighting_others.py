@@ -196,14 +196,15 @@ def test_uncertainty_weighting_formula_gradients_and_parameters():
 
 # ---------------------------------------------------------------- state round-trips
 
-def run(method, steps, start=0):
+def run(method, steps, start=0, device="cpu"):
     """Deterministic calls with losses, KPIs, epoch ends and (for learnable weights)
     a plain gradient step; returns the weighted losses."""
     out = []
     for k in range(start, start + steps):
-        cls = torch.tensor(1.0 + 0.5 * math.sin(k / 3.0) + 0.01 * k, dtype=torch.float64)
-        reg = torch.tensor(0.5 + 0.3 * math.cos(k / 5.0), dtype=torch.float64)
-        kpis = {"cls_acc": torch.tensor(0.5 + 0.4 * math.sin(k)), "reg_iou": torch.tensor(0.3 + 0.2 * math.cos(k))}
+        cls = torch.tensor(1.0 + 0.5 * math.sin(k / 3.0) + 0.01 * k, dtype=torch.float64, device=device)
+        reg = torch.tensor(0.5 + 0.3 * math.cos(k / 5.0), dtype=torch.float64, device=device)
+        kpis = {"cls_acc": torch.tensor(0.5 + 0.4 * math.sin(k), device=device),
+                "reg_iou": torch.tensor(0.3 + 0.2 * math.cos(k), device=device)}
         parameters = list(method.parameters())
         if parameters:
             cls.requires_grad_(True)
@@ -279,24 +280,7 @@ def test_on_cuda_after_to_the_sequence_matches_the_cpu_one(config):
     weighting.to("cuda")
     assert all(t.is_cuda for t in list(weighting.buffers()) + list(weighting.parameters()))
     assert [id(p) for p in weighting.parameters()] == [id(p) for p in parameters]  # the optimizer's objects
-    out = []
-    for k in range(17):
-        cls = torch.tensor(1.0 + 0.5 * math.sin(k / 3.0) + 0.01 * k, dtype=torch.float64, device="cuda")
-        reg = torch.tensor(0.5 + 0.3 * math.cos(k / 5.0), dtype=torch.float64, device="cuda")
-        kpis = {"cls_acc": torch.tensor(0.5 + 0.4 * math.sin(k), device="cuda"),
-                "reg_iou": torch.tensor(0.3 + 0.2 * math.cos(k), device="cuda")}
-        parameters = list(weighting.parameters())
-        if parameters:
-            cls.requires_grad_(True)
-        cls_w, reg_w = weighting(cls, reg, kpis=kpis)
-        if parameters:
-            grads = torch.autograd.grad(cls_w + reg_w, parameters)
-            with torch.no_grad():
-                for parameter, grad in zip(parameters, grads):
-                    parameter -= 0.05 * grad
-        out.append((cls_w.item(), reg_w.item()))
-        if k % 5 == 4:
-            weighting.on_epoch_end(k // 5 + 1)
+    out = run(weighting, 17, device="cuda")
     assert out == pytest.approx(cpu, rel=1e-5)
     assert all(t.is_cuda for t in weighting.state_dict().values() if torch.is_tensor(t))
 
