@@ -65,6 +65,12 @@ def test_worker_node_killed_mid_trial_sweep_recovers(ray_cluster, moto_s3, mlflo
         assert run.data.tags["alwa.status"] == "ok"
         steps = _steps(client, run.info.run_id)
         assert sorted(steps) == list(range(1, ITERS + 1))  # every step once: none lost, none twice
+        key = run.data.tags["alwa.trial_key"]
+        assert run.data.tags["alwa.checkpoint"] == f"{storage}/e2e/tune/{key}"
+        stored = [k for k in moto_s3["keys"](f"sweeps/e2e/tune/{key}/") if k.endswith(".pt")]
+        assert len(stored) == 2, stored  # keep_checkpoints (default 2), only in the bucket
+    # nothing of a checkpoint on local disk, where both nodes kept their trial folders
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith((".pt", ".pt.tmp"))]
     keys = moto_s3["keys"]("sweeps/e2e/tune/")  # Tune's state and checkpoints went to the bucket
     state_key = max(k for k in keys if k.rsplit("/", 1)[-1].startswith("experiment_state"))
     state = moto_s3["client"].get_object(Bucket=moto_s3["bucket"], Key=state_key)["Body"].read().decode()
