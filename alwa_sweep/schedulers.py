@@ -84,7 +84,12 @@ class StoppedTrialRecorder(_tune_callback_base()):
         last = trial.last_result or {}
         if last.get("status") in FINAL_STATUSES or last.get("skipped"):
             return  # it ended by itself (ok, nan, overflow, error) or was already done
-        payload = (trial.config or {}).get("trial") or {}
+        from alwa_sweep.trial import trial_payload
+
+        try:
+            payload = trial_payload(trial.config or {})
+        except (KeyError, TypeError, ValueError):  # not a trial of this sweep's making
+            return
         if not payload.get("key") or not payload.get("tracking_uri"):
             return
         record_stopped(payload, epoch=last.get(TIME_ATTR), metric=last.get("score"))

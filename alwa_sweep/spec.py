@@ -45,6 +45,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from trainers.config import (SECTIONS, Section, TrainingConfig, apply_overrides, check_keys,
                              errors_from_validation, parse_config, parse_override, set_dotted)
+from alwa_sweep.search import Search
 from trainers.errors import ConfigError, ConfigErrors, UserInputError
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
@@ -115,8 +116,10 @@ class SpecFile(Section):
     description: str = ""
     experiment: Optional[str] = Field(None, min_length=1, max_length=250)
     base: dict[str, Any]
-    grid: Any = Field(description="a mapping axis → list of values (one product), or a list of such mappings "
-                      "(a union of products)")
+    grid: Any = Field(None, description="a mapping axis → list of values (one product), or a list of such "
+                      "mappings (a union of products); or, instead, a search")
+    search: Optional[Search] = Field(None, description="sample trials from continuous ranges (Optuna), "
+                                     "instead of a grid (alwa_sweep/search.py)")
     seeds: Optional[list[int]] = Field(None, min_length=1, max_length=1000)
     resources: Resources = Field(default_factory=Resources)
     scheduler: Scheduler = Field(default_factory=Scheduler)
@@ -126,6 +129,18 @@ class SpecFile(Section):
                                   "(Tune's and Train's CheckpointConfig num_to_keep); the only copies there are")
     max_trials: int = Field(1000, ge=1, le=MAX_TRIALS, description="refuse a grid with more trials")
     estimate: Estimate = Field(default_factory=Estimate)
+
+    @model_validator(mode="after")
+    def _grid_or_search(self) -> "SpecFile":
+        if self.search is None and self.grid is None:
+            raise ConfigError("grid", "is missing.", "Set it (or a search: over continuous ranges instead).")
+        if self.search is not None and self.grid is not None:
+            raise ConfigError("search", "is given together with a grid; a spec has one or the other.",
+                              "Fix the other settings in base and keep either grid or search.")
+        if self.search is not None and self.seeds not in (None, [0]):
+            raise ConfigError("seeds", f"is {self.seeds} in a search spec; the sampler proposes each trial once.",
+                              "Remove seeds (set base.train.seed), or run the search once per seed.")
+        return self
 
     @field_validator("seeds")
     @classmethod
@@ -175,7 +190,18 @@ class Spec:
     max_failures: int
     estimate: Estimate
     keep_checkpoints: int = 2
+    search: Search | None = None  # trials sampled while the sweep runs (then `trials` is empty)
+    probes: list[Trial] = field(default_factory=list)  # a search's corners, checked when read
     raw: dict = field(repr=False, default_factory=dict)  # the spec as run (--set applied)
+
+    @property
+    def trial_count(self) -> int:
+        return self.search.samples if self.search is not None else len(self.trials)
+
+    @property
+    def configs(self) -> list[TrainingConfig]:
+        """The training configs known before the sweep runs (a search's: its corners)."""
+        return [t.config for t in (self.trials or self.probes)]
 
     @property
     def uses_gpus(self) -> bool:
@@ -186,7 +212,7 @@ class Spec:
         if hours is None:
             return None
         per_worker = self.resources.gpus_per_worker if self.uses_gpus else self.resources.cpus_per_worker
-        return len(self.trials) * self.resources.workers * per_worker * hours
+        return self.trial_count * self.resources.workers * per_worker * hours
 
 
 # ---- names and keys ----------------------------------------------------------------------
@@ -250,6 +276,14 @@ def trial_name(overrides: dict) -> str:
         key = trial_key(overrides)
         name = name[: MAX_NAME_LENGTH - len(key) - 1] + "~" + key
     return name
+
+
+def sampled_trial(base: dict, overrides: dict, emulate_workers: int = 1) -> Trial:
+    """The trial of one point a search sampled (``overrides``: field → value)."""
+    overrides = {key: float(value) for key, value in overrides.items()}
+    config = parse_config(apply_overrides(base, {**overrides, "train.emulate_workers": emulate_workers}))
+    name = trial_name({key: float(f"{value:.4g}") for key, value in overrides.items()})
+    return Trial(key=trial_key(overrides), name=name, overrides=overrides, config=config)
 
 
 def trial_key(overrides: dict) -> str:
@@ -379,10 +413,11 @@ def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool =
         top = SpecFile.model_validate(raw)
     except ValidationError as exc:
         raise errors_from_validation(exc, SpecFile) from None
-    size = grid_size(top.grid, top.seeds)
+    size = top.search.samples if top.search is not None else grid_size(top.grid, top.seeds)
     if size > top.max_trials:
-        raise ConfigError("grid", f"expands to {size:,} trials, more than max_trials = {top.max_trials:,}.",
-                          "Narrow the grid, or raise max_trials in the spec if you mean it.")
+        where = "search.samples" if top.search is not None else "grid"
+        raise ConfigError(where, f"asks for {size:,} trials, more than max_trials = {top.max_trials:,}.",
+                          "Ask for fewer, or raise max_trials in the spec if you mean it.")
     name = top.name or (Path(source).stem if isinstance(source, (str, Path)) else "sweep")
     _refuse_emulate_in_configs(top)
     base = _absolute_dataset_paths(top.base)
@@ -390,6 +425,8 @@ def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool =
     # (what the engine reads and MLflow records); spec.yaml keeps the spec as written.
     emulate = {"train.emulate_workers": top.resources.emulate_workers}
     raw = {**raw, "base": base}
+    if top.search is not None:
+        return _search_spec(top, name, base, raw, check_paths)
     trials, problems, seen_configs = [], [], set()
     for combo in expand_grid(top.grid, top.seeds):
         label = trial_name(combo)
@@ -418,6 +455,30 @@ def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool =
                 trials=trials, resources=top.resources, scheduler=top.scheduler,
                 max_concurrent=top.max_concurrent, max_failures=top.max_failures, estimate=top.estimate,
                 keep_checkpoints=top.keep_checkpoints, raw=raw)
+
+
+def _search_spec(top: SpecFile, name: str, base: dict, raw: dict, check_paths: bool) -> Spec:
+    """A search spec: every corner of its box must be a valid training config."""
+    from alwa_sweep.search import require_sampler
+
+    require_sampler(top.search)
+    probes, problems = [], []
+    for corner in top.search.corners():
+        label = "search corner " + ",".join(f"{_short(k)}={v:g}" for k, v in corner.items())
+        try:
+            probe = sampled_trial(base, corner, top.resources.emulate_workers)
+            if check_paths:
+                check_dataset_paths(probe.config)
+        except UserInputError as exc:
+            problems.extend((label, error) for error in getattr(exc, "errors", [exc]))
+            continue
+        probes.append(probe)
+    if problems:
+        raise _grouped(problems, len(probes) + len({label for label, _ in problems}))
+    return Spec(name=name, description=top.description.strip(), experiment=top.experiment or f"alwa-{name}",
+                base=base, trials=[], resources=top.resources, scheduler=top.scheduler,
+                max_concurrent=top.max_concurrent, max_failures=top.max_failures, estimate=top.estimate,
+                keep_checkpoints=top.keep_checkpoints, search=top.search, probes=probes, raw=raw)
 
 
 def _refuse_emulate_in_configs(top: SpecFile) -> None:

@@ -21,11 +21,46 @@ from pathlib import Path
 
 from alwa_sweep.tracking import MlflowHook, end_run, find_runs_by_tag
 from reports.schema import (DONE_STATUSES, KIND_TRIAL, METRIC_LOSS, STATUS_ERROR, STATUS_INTERRUPTED, STATUS_PENDING, STATUS_RUNNING,
-                            STATUS_STOPPED, TAG_KIND, TAG_PARENT, TAG_STATUS, TAG_SWEEP, TAG_TRIAL_KEY)
+                            STATUS_STOPPED, TAG_KIND, TAG_PARENT, TAG_SEARCH, TAG_STATUS, TAG_SWEEP, TAG_TRIAL_KEY)
 from alwa_sweep.schedulers import tune_result
 from trainers.checkpoint import check_checkpoint_file, list_checkpoints
 from trainers.engine import Diverged, train
 from trainers.hooks import TrainingHook
+
+
+TUNE_NAME = "tune"  # Ray Tune's experiment (state, trial folders, checkpoints) in the sweep's storage
+TRAIN_NAME = "train"  # Ray Train's runs of DDP trials, beside Tune's state in the sweep's storage
+
+
+def train_run_name(key: str) -> str:
+    return f"train-{key}"
+
+
+def trial_fields(trial, sweep_dir) -> dict:
+    """One trial's own part of its payload (``trial``: an ``alwa_sweep.spec.Trial``)."""
+    return {"key": trial.key, "name": trial.name,
+            "config": trial.config.dump(),  # plain data: Tune restores placeholders for objects
+            "workdir": str(Path(sweep_dir) / "trials" / trial.key)}
+
+
+def trial_payload(params: dict) -> dict:
+    """The payload of the trial Tune started with ``params``: a grid trial's as the driver
+    wrote it; a search trial's resolved from the point the sampler proposed (``sample``)."""
+    payload = dict(params["trial"])
+    if "sample" in params and "key" not in payload:
+        from alwa_sweep.spec import sampled_trial
+
+        trial = sampled_trial(payload["search_base"], params["sample"], payload.get("emulate_workers", 1))
+        payload.update(trial_fields(trial, payload["sweep_dir"]))
+    return payload
+
+
+def checkpoint_location(payload: dict) -> str:
+    """Where the trial's checkpoints are stored (its MLflow tag ``alwa.checkpoint``)."""
+    storage = _sweep_storage(payload)
+    if payload["workers"] > 1:  # Ray Train's run folder (_run_distributed)
+        return storage.join(TRAIN_NAME, train_run_name(payload["key"])).display
+    return storage.join(TUNE_NAME, payload["key"]).display
 
 
 def find_or_create_trial_run(client, payload: dict):
@@ -37,6 +72,8 @@ def find_or_create_trial_run(client, payload: dict):
         return runs[0]
     tags = {TAG_KIND: KIND_TRIAL, TAG_TRIAL_KEY: payload["key"], TAG_SWEEP: payload["sweep_name"],
             TAG_PARENT: payload["parent_run_id"], TAG_STATUS: STATUS_PENDING}
+    if payload.get("search_keys"):  # a sampled trial (reports/search.py)
+        tags[TAG_SEARCH] = ",".join(payload["search_keys"])
     return client.create_run(payload["experiment_id"], run_name=payload["name"], tags=tags)
 
 
@@ -167,7 +204,7 @@ def _train_with_logging(payload: dict, report, get_checkpoint, device=None, is_m
     hooks = [restored, TuneReportHook(report)]
     if is_main:  # only rank 0 logs
         hooks.insert(0, MlflowHook(MlflowClient(payload["tracking_uri"]), payload["run_id"],
-                                   checkpoint_location=payload.get("checkpoints")))
+                                   checkpoint_location=checkpoint_location(payload)))
     try:
         return train(payload["config"], workdir=workdir, hooks=hooks, resume=restored.folder, device=device,
                      hand_off_checkpoints=True)
@@ -180,7 +217,7 @@ def run_trial(params: dict) -> None:
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    payload = dict(params["trial"])
+    payload = trial_payload(params)
     client = MlflowClient(payload["tracking_uri"])
     run = find_or_create_trial_run(client, payload)
     payload["run_id"] = run.info.run_id
@@ -203,21 +240,17 @@ def run_trial(params: dict) -> None:
     tune.report(tune_result(result.iterations, _last_epoch(result), result.status, result.metrics))
 
 
-TRAIN_NAME = "train"  # Ray Train's runs of DDP trials, beside Tune's state in the sweep's storage
-
-
-def train_run_name(key: str) -> str:
-    return f"train-{key}"
-
-
-def _train_storage(payload: dict) -> dict:
-    """Where Ray Train keeps a DDP trial's runs: ``train/`` in the sweep's storage."""
+def _sweep_storage(payload: dict):
     from alwa_sweep.storage import sweep_storage
 
     # a sweep launched before "sweep_dir" was in the payload named its train folder instead
     sweep_dir = payload.get("sweep_dir") or str(Path(payload["train_storage"]).parent)
-    storage = sweep_storage(payload.get("storage"), payload["sweep_name"], sweep_dir)
-    return storage.join(TRAIN_NAME).run_config_kwargs()
+    return sweep_storage(payload.get("storage"), payload["sweep_name"], sweep_dir)
+
+
+def _train_storage(payload: dict) -> dict:
+    """Where Ray Train keeps a DDP trial's runs: ``train/`` in the sweep's storage."""
+    return _sweep_storage(payload).join(TRAIN_NAME).run_config_kwargs()
 
 
 def _train_worker(payload: dict) -> None:

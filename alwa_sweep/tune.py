@@ -34,9 +34,8 @@ from reports.schema import (ARTIFACT_SPEC, EXPECTED_STATUSES, FINAL_STATUSES, KI
                             STATUS_INTERRUPTED, STATUS_RUNNING, SWEEP_FINISHED, SWEEP_INCOMPLETE, TAG_KIND, TAG_NOTE,
                             TAG_PARENT, TAG_STATUS, TAG_SUMMARY, TAG_SWEEP, TAG_TRIAL_KEY)
 from trainers.errors import Interrupted
-from alwa_sweep.trial import TRAIN_NAME, run_trial, train_run_name
+from alwa_sweep.trial import TUNE_NAME, run_trial, trial_fields, trial_payload
 
-TUNE_NAME = "tune"
 
 
 @dataclass
@@ -64,13 +63,10 @@ class SweepSummary:
         return " ".join(parts) or "no trials"
 
 
-def _payloads(spec: Spec, sweep_dir: Path, state: dict) -> list[dict]:
+def _common_payload(spec: Spec, sweep_dir: Path, state: dict) -> dict:
+    """What every trial of the sweep gets (a trial's own fields: ``alwa_sweep.trial.trial_fields``)."""
     resources = spec.resources
-    return [{
-        "key": trial.key,
-        "name": trial.name,
-        "config": trial.config.dump(),  # plain data: Tune restores placeholders for objects
-        "workdir": str(sweep_dir / "trials" / trial.key),
+    return {
         "sweep_dir": str(sweep_dir),
         "storage": state.get("storage"),
         "tracking_uri": state["tracking_uri"],
@@ -85,16 +81,22 @@ def _payloads(spec: Spec, sweep_dir: Path, state: dict) -> list[dict]:
         "placement_strategy": resources.placement_strategy,
         "max_failures": spec.max_failures,
         "keep_checkpoints": spec.keep_checkpoints,
-        "checkpoints": _checkpoint_location(spec, state, sweep_dir, trial.key),
-    } for trial in spec.trials]
+    }
 
 
-def _checkpoint_location(spec: Spec, state: dict, sweep_dir: Path, key: str) -> str:
-    """Where a trial's checkpoints are stored (its MLflow tag ``alwa.checkpoint``)."""
-    storage = _storage(sweep_dir, state)
-    if spec.resources.workers > 1:  # Ray Train's run folder (alwa_sweep.trial._run_distributed)
-        return storage.join(TRAIN_NAME, train_run_name(key)).display
-    return storage.join(TUNE_NAME, key).display
+def _param_space(spec: Spec, sweep_dir: Path, state: dict) -> dict:
+    """A grid: one payload per trial (``tune.grid_search``). A search: one payload for
+    all, and the ranges Tune samples into ``sample`` (the trial resolves its config)."""
+    from ray import tune
+
+    from alwa_sweep.search import tune_space
+
+    common = _common_payload(spec, sweep_dir, state)
+    if spec.search is None:
+        return {"trial": tune.grid_search([{**common, **trial_fields(t, sweep_dir)} for t in spec.trials])}
+    common.update(search_base=spec.base, emulate_workers=spec.resources.emulate_workers,
+                  search_keys=list(spec.search.space))
+    return {"trial": common, "sample": tune_space(spec.search)}
 
 
 def prepare_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str, storage: str | None = None) -> dict:
@@ -110,8 +112,9 @@ def prepare_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str, storage: str |
     (sweep_dir / ARTIFACT_SPEC).write_text(spec_text)
     client.log_text(parent.info.run_id, spec_text, ARTIFACT_SPEC)
     client.log_batch(parent.info.run_id, params=[
-        _param("spec.name", spec.name), _param("trials", len(spec.trials)),
-        _param("resources", json.dumps(spec.resources.model_dump())), _param("scheduler", spec.scheduler.type)])
+        _param("spec.name", spec.name), _param("trials", spec.trial_count),
+        _param("resources", json.dumps(spec.resources.model_dump())), _param("scheduler", spec.scheduler.type)]
+        + ([_param("search", json.dumps(spec.search.model_dump()))] if spec.search is not None else []))
     state = {"name": name, "spec_name": spec.name, "experiment": spec.experiment,
              "experiment_id": experiment_id, "parent_run_id": parent.info.run_id,
              "tracking_uri": tracking_uri, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -144,9 +147,13 @@ def _init_ray(address: str | None, num_cpus: int | None):
 def _scheduler(spec: Spec):
     from alwa_sweep.schedulers import build_scheduler
 
-    kinds = {t.config.dataset.kind for t in spec.trials}
-    return build_scheduler(spec.scheduler.model_dump(), max(_epochs(t.config) for t in spec.trials),
-                           dataset_kind=kinds.pop() if len(kinds) == 1 else None)
+    return build_scheduler(spec.scheduler.model_dump(), max(_epochs(config) for config in spec.configs),
+                           dataset_kind=_dataset_kind(spec))
+
+
+def _dataset_kind(spec: Spec) -> str | None:
+    kinds = {config.dataset.kind for config in spec.configs}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def _storage(sweep_dir: Path, state: dict):
@@ -199,17 +206,23 @@ def _trial_resources(spec: Spec):
 def _build_tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int | None, progress, storage=None):
     from ray import tune
 
-    payloads = _payloads(spec, sweep_dir, state)
-    names = {p["key"]: p["name"] for p in payloads}
     trainable = tune.with_resources(run_trial, _trial_resources(spec))
+    search = {}
+    if spec.search is not None:
+        from alwa_sweep.schedulers import scheduler_metric
+        from alwa_sweep.search import build_searcher
+
+        metric = scheduler_metric(spec.search.model_dump(), _dataset_kind(spec))
+        search = {"search_alg": build_searcher(spec.search, metric), "num_samples": spec.search.samples}
     return tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(payloads)},
+        param_space=_param_space(spec, sweep_dir, state),
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_concurrent or spec.max_concurrent,
             scheduler=_scheduler(spec),
-            trial_name_creator=lambda t: names[t.config["trial"]["key"]][:100],
-            trial_dirname_creator=lambda t: t.config["trial"]["key"],
+            trial_name_creator=lambda t: trial_payload(t.config)["name"][:100],
+            trial_dirname_creator=lambda t: trial_payload(t.config)["key"],
+            **search,
         ),
         run_config=_run_config(spec, sweep_dir, progress, storage),
     )
@@ -269,7 +282,7 @@ def _fit(spec: Spec, sweep_dir: Path, state: dict, address, max_concurrent, num_
     from alwa_sweep.live import LiveTable
 
     with terminate_on_signals():  # ray.init installs its own SIGTERM handler: take the signals back
-        reporter = LiveTable(len(spec.trials)) if progress else None
+        reporter = LiveTable(spec.trial_count) if progress else None
         _tuner(spec, sweep_dir, state, max_concurrent, reporter).fit()
 
 

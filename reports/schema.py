@@ -18,7 +18,8 @@ TAG_REASON = "alwa.status_reason"  # why a run is not ok (one line)
 TAG_TRIAL_KEY = "alwa.trial_key"  # deterministic key of a trial's overrides
 TAG_SWEEP = "alwa.sweep_name"
 TAG_SUMMARY = "alwa.summary"  # on a sweep's run: "ok=5 nan=1"
-TAG_CHECKPOINT = "alwa.checkpoint"  # the last checkpoint file of a trial
+TAG_CHECKPOINT = "alwa.checkpoint"  # the last checkpoint file (a sweep trial: its folder in the storage)
+TAG_SEARCH = "alwa.search"  # on a search trial: the sampled fields, comma-joined (weighting.cls,weighting.reg)
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own nesting tag
 TAG_NOTE = "mlflow.note.content"  # MLflow's run description
 

@@ -52,7 +52,7 @@ def run(args) -> int:
     from alwa_sweep.tracking import check_tracking_server, default_tracking_uri
     from tqdm import tqdm
 
-    from reports import ci, figures, published, render, runs, tables
+    from reports import ci, figures, published, render, runs, search, tables
 
     if args.metric is not None and not re.fullmatch(r"[A-Za-z0-9_./]+", args.metric):
         raise ConfigError("--metric", f"{args.metric!r} is not a metric name.",
@@ -78,8 +78,9 @@ def run(args) -> int:
     check_writable(out, "--out")
     written = []
     heatmap_source = None
+    grid_trials = search.without_searches(trials)  # sampled trials are reported in search.md
     for number in dict.fromkeys(args.table or range(1, 7)):
-        table = tables.build(number, trials, args.metric)
+        table = tables.build(number, grid_trials, args.metric)
         if number == 1:
             heatmap_source = table
         if table.n_runs == 0 and not args.table:
@@ -97,13 +98,14 @@ def run(args) -> int:
         print(markdown)
 
     figure_paths = []
+    written += _search_reports(trials, args, out, figure_paths)
     if not args.no_figures:
         figure_dir = out / "figures"
         for _, trial in tqdm(list(trials.iterrows()), desc="figures", unit=" trials", file=sys.stderr,
                              leave=False):
             figure_paths += figures.trial_figures(client, trial, figure_dir)
         if heatmap_source is None:
-            heatmap_source = tables.table1(trials, args.metric)
+            heatmap_source = tables.table1(grid_trials, args.metric)
         figure_paths += figures.table1_heatmap(heatmap_source, figure_dir)
         figure_paths += figures.metric_per_epoch(client, trials, figure_dir, args.metric)
     written += figure_paths
@@ -123,6 +125,25 @@ def run(args) -> int:
     print(f"Wrote {len(written)} files to {out}" + (f" and logged them to sweep run {args.sweep}"
                                                    if args.sweep and written else "") + ".")
     return 0
+
+
+def _search_reports(trials, args, out: Path, figure_paths: list) -> list[Path]:
+    """``search.md`` (and its figure) for the search sweeps among the trials."""
+    from reports import runs, search
+
+    written: list[Path] = []
+    metric = args.metric or ("ap" if set(trials.get("params.dataset.kind", [])) == {"coco"} else "map")
+    for index, (keys, frame) in enumerate(search.searches(trials).items()):
+        fields = keys.split(",")
+        table = search.ranked(frame, fields, runs.metric_column(metric))
+        markdown = search.to_markdown(fields, table, metric)
+        suffix = f"_{index + 1}" if index else ""
+        written.append(_write(out / f"search{suffix}.md", markdown))
+        print(markdown)
+        if not args.no_figures:
+            paths = search.figure(fields, table, metric, out / "figures", stem=f"search{suffix}")
+            figure_paths += paths  # written with the other figures
+    return written
 
 
 def _write(path: Path, text: str) -> Path:

@@ -54,7 +54,7 @@ def run(args) -> int:
         raise ConfigError("--max-concurrent", f"must be at least 1, got {args.max_concurrent}.")
     spec = load_spec(args.spec, args.overrides, check_paths=not args.no_check_paths)
     if not args.no_check_paths:
-        check_datasets(trial.config for trial in spec.trials)
+        check_datasets(spec.configs)
     root = runs_root(args.runs_dir)
     check_store_path(root, "--runs-dir" if args.runs_dir else "the current folder")
     check_writable(root, "--runs-dir")

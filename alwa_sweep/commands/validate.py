@@ -50,7 +50,7 @@ def layouts(spec, gpus: int) -> list[Layout]:
     ranks = resources.ranks
     per_worker = resources.gpus_per_worker if resources.gpus_per_worker > 0 else 1.0
     unit = spec.estimate.hours_per_trial or 1.0
-    trials = len(spec.trials)
+    trials = spec.trial_count
     found = []
     for workers in (w for w in range(ranks, 0, -1) if ranks % w == 0):
         per_trial = workers * per_worker
@@ -67,7 +67,7 @@ def layouts(spec, gpus: int) -> list[Layout]:
 def layout_table(spec, gpus: int) -> str:
     hours = spec.estimate.hours_per_trial is not None
     unit = "h" if hours else "x T"
-    lines = [f"makespan of {len(spec.trials)} trials on {gpus} GPUs, per layout of the trial's "
+    lines = [f"makespan of {spec.trial_count} trials on {gpus} GPUs, per layout of the trial's "
              f"{spec.resources.ranks} DDP ranks"
              + ("" if hours else " (T: a trial's time in the spec's layout; set estimate.hours_per_trial "
                 "for hours)") + ":",
@@ -83,7 +83,22 @@ def layout_table(spec, gpus: int) -> str:
     return "\n".join(lines)
 
 
+def search_table(spec) -> str:
+    """A search spec: what is sampled, and the corners checked."""
+    search = spec.search
+    lines = [f"search: {search.type}, {search.samples} trials sampled (seed {search.seed}), "
+             f"{search.mode} {search.metric or 'the main metric'}"]
+    for key, rng in search.space.items():
+        lines.append(f"  {key:<28} [{rng.low:g}, {rng.high:g}]{' log' if rng.log else ''}")
+    model, weighting = spec.probes[0].config.model, spec.probes[0].config.weighting
+    lines.append(f"  every trial: {model.detector} / {model.backbone} / {weighting.method}; "
+                 f"{len(spec.probes)} corners of the space checked")
+    return "\n".join(lines)
+
+
 def trial_table(spec) -> str:
+    if spec.search is not None:
+        return search_table(spec)
     width = max([len(t.name) for t in spec.trials] + [5])
     lines = [f"{'#':>4}  {'key':<12}  {'trial':<{width}}  detector / backbone / weighting"]
     for index, trial in enumerate(spec.trials, 1):
@@ -101,13 +116,15 @@ def spec_as_json(spec) -> dict:
         "max_failures": spec.max_failures, "max_concurrent": spec.max_concurrent,
         "trials": [{"key": t.key, "name": t.name, "overrides": t.overrides, "config": t.config.dump()}
                    for t in spec.trials],
+        "search": spec.search.model_dump() if spec.search is not None else None,
+        "trial_count": spec.trial_count,
     }
 
 
 def run(args) -> int:
     spec = load_spec(args.spec, args.overrides, check_paths=args.check_paths)
     if args.check_paths:
-        check_datasets(trial.config for trial in spec.trials)
+        check_datasets(spec.configs)
     if args.json:
         view = spec_as_json(spec)
         if args.gpus:
@@ -121,9 +138,9 @@ def run(args) -> int:
     resources = spec.resources
     unit = "GPU" if spec.uses_gpus else "CPU"
     per_trial = resources.workers * (resources.gpus_per_worker if spec.uses_gpus else resources.cpus_per_worker)
-    print(f"trials: {len(spec.trials)}; per trial: {resources.workers} worker(s) × "
+    print(f"trials: {spec.trial_count}; per trial: {resources.workers} worker(s) × "
           f"{resources.cpus_per_worker:g} CPU, {resources.gpus_per_worker:g} GPU ({per_trial:g} {unit}s)")
-    batch = {t.config.train.batch_size for t in spec.trials}
+    batch = {config.train.batch_size for config in spec.configs}
     images = "/".join(str(resources.ranks * b) for b in sorted(batch))
     print(f"DDP ranks per trial: {resources.ranks} ({resources.workers} worker(s) × {resources.emulate_workers} "
           f"emulated), {images} images per optimizer step")
