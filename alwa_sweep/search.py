@@ -66,6 +66,28 @@ class Search(Section):
     mode: Literal["max", "min"] = "max"
     seed: int = Field(0, ge=0, le=2**31 - 1, description="the sampler's seed")
 
+    @field_validator("space", mode="before")
+    @classmethod
+    def _dotted(cls, space):
+        """``{weighting: {cls: {low: …}}}`` (what ``--set search.space.weighting.cls.low=…``
+        builds) is ``{weighting.cls: {low: …}}``."""
+        if not isinstance(space, dict):
+            return space
+        flat: dict = {}
+
+        def walk(prefix: str, mapping: dict) -> None:
+            for key, value in mapping.items():
+                name = f"{prefix}{key}"
+                is_range = isinstance(value, dict) and (not value or set(value) & set(Range.model_fields))
+                if isinstance(value, dict) and not is_range:
+                    walk(f"{name}.", value)
+                elif isinstance(value, dict) and isinstance(flat.get(name), dict):
+                    flat[name] = {**flat[name], **value}  # --set of one end of a range written dotted
+                else:
+                    flat[name] = value
+        walk("", space)
+        return flat
+
     @field_validator("space")
     @classmethod
     def _fields(cls, space: dict) -> dict:

@@ -164,3 +164,11 @@ def test_optuna_search_runs_each_sampled_trial_once_and_reports_them(local_ray, 
     assert (out / "figures" / "search.png").stat().st_size > 0
     assert not (out / "table1.md").exists()  # sampled trials are not Table 1's grid
     capsys.readouterr()
+
+
+def test_set_reaches_one_end_of_a_range(synthetic_voc):
+    spec = load_spec(search_spec(synthetic_voc), ["search.space.weighting.cls.low=0.7",
+                                                   "search.space.weighting.reg={low: 0.25, high: 1.0}"])
+    assert spec.search.space["weighting.cls"].low == 0.7 and spec.search.space["weighting.cls"].high == 2.0
+    assert (spec.search.space["weighting.reg"].low, spec.search.space["weighting.reg"].high) == (0.25, 1.0)
+    assert isinstance(spec.search, Search) and len(spec.probes) == 4
