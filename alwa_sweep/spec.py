@@ -12,6 +12,9 @@ of mmdetection's config diffs but readable in one screen::
       weighting:                      # a mapping value is merged into that section
         - {method: none}
         - {method: alwa, variant: 1}
+                                      # or, instead of grid, search: {type: optuna, samples: 24,
+                                      #   space: {weighting.cls: {low: 0.1, high: 2, log: true}, …}}
+                                      #   (alwa_sweep/search.py: trials sampled while it runs)
     seeds: [0]                        # repeats: one trial per seed
     resources: {workers: 4, cpus_per_worker: 4, gpus_per_worker: 1}
                                       # or {workers: 1, emulate_workers: 4, …}: the same
