@@ -34,7 +34,8 @@ def save_detections(path, detections, annotations, *, image_ids=None, dataset: s
 
     ``image_ids``: one id per image (default ``0..N-1``); two trials are compared image by
     image, so both must have evaluated the same images in the same order. ``iscrowd``: one
-    bool array per image (COCO), default all False. The evaluation settings go into
+    bool array per image (COCO), default the annotations' own ``"iscrowd"`` where they
+    have one, else all False. The evaluation settings go into
     ``meta`` so a reader recomputes the metric the trial logged.
     """
     if len(detections) != len(annotations):
@@ -46,8 +47,11 @@ def save_detections(path, detections, annotations, *, image_ids=None, dataset: s
     ids = np.asarray([str(i) for i in (range(n_images) if image_ids is None else image_ids)])
     if ids.shape != (n_images,):
         raise UserInputError("image_ids", f"{ids.size} ids for {n_images} images.")
+    if iscrowd is None and any(entry.get("iscrowd") is not None for entry in annotations):
+        iscrowd = [entry.get("iscrowd") if entry.get("iscrowd") is not None
+                   else np.zeros(np.asarray(entry["labels"]).size, dtype=bool) for entry in annotations]
     crowd = (np.zeros(gts["labels"].size, dtype=bool) if iscrowd is None
-             else np.concatenate([np.asarray(c, dtype=bool).reshape(-1) for c in iscrowd]
+             else np.concatenate([_numpy(c).astype(bool).reshape(-1) for c in iscrowd]
                                  or [np.zeros(0, dtype=bool)]))
     if crowd.size != gts["labels"].size:
         raise UserInputError("iscrowd", f"{crowd.size} flags for {gts['labels'].size} ground truths.")
@@ -100,3 +104,9 @@ def load_detections(path) -> dict:
                             "iscrowd": arrays["gt_iscrowd"][g0:g1]})
     return {"detections": detections, "annotations": annotations,
             "image_ids": arrays["image_ids"], "meta": meta}
+
+
+def _numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
