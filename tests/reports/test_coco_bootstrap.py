@@ -163,3 +163,46 @@ def test_paired_delta_on_coco_files(tmp_path):
     save_detections(tmp_path / "c.npz", dets_b, changed, dataset="coco")
     with pytest.raises(Exception, match="iscrowd"):
         bootstrap.paired_delta(a, load_detections(tmp_path / "c.npz"), n_resamples=10)
+
+
+def test_cocoeval_matching_rules_on_hand_made_cases():
+    """Exact IoU ties between two ground truths (COCOeval keeps the later one), a regular
+    ground truth preferred to a better-overlapping crowd region, a crowd region matched by
+    several detections, a category without ground truth: against COCOeval, full set and
+    resampled."""
+    box = np.array([[0, 0, 10, 10]], np.float32)
+    tie = {  # det 0 overlaps both ground truths with IoU 100/120; det 1 only the second one
+        "detections": {"boxes": np.array([[0, 0, 10, 10], [0, -2, 10, 8]], np.float32),
+                       "scores": np.array([0.9, 0.8], np.float32), "labels": np.array([1, 1])},
+        "annotations": {"boxes": np.array([[0, 0, 10, 12], [0, -2, 10, 10]], np.float32),
+                        "labels": np.array([1, 1]), "iscrowd": np.array([False, False])}}
+    # det 0 (first by score): IoU 0.822 with the regular box, 0.9025 with the crowd region
+    # (intersection / its area): taken as a TP up to .80, ignored above; then det 1 (IoU 1
+    # with the regular box) is ignored up to .80 (crowd IoU .81) and a TP above; det 2
+    # exactly on a second crowd region and det 3 on the first: ignored; det 4's label
+    # has no ground truth; det 5 (between 0 and 1 by score) a false positive
+    crowd = {
+        "detections": {"boxes": np.vstack([box + 0.5, box, box + 50, box + 1, box + 51, box + 100]),
+                       "scores": np.array([0.99, 0.7, 0.95, 0.6, 0.5, 0.8], np.float32),
+                       "labels": np.array([2, 2, 2, 2, 3, 2])},
+        "annotations": {"boxes": np.vstack([box, box + 1, box + 50]),
+                        "labels": np.array([2, 2, 2]), "iscrowd": np.array([False, True, True])}}
+    empty = {"detections": {"boxes": box, "scores": np.array([0.3], np.float32), "labels": np.array([1])},
+             "annotations": {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, int),
+                             "iscrowd": np.zeros(0, bool)}}
+    images = [tie, crowd, empty]
+    dets = [i["detections"] for i in images]
+    gts = [{**i["annotations"], "difficult": np.zeros(len(i["annotations"]["labels"]), bool)} for i in images]
+    prepared = coco_bootstrap.prepare_coco(dets, gts)
+    iou = coco_bootstrap.box_iou_xywh(coco_bootstrap._xywh(tie["detections"]["boxes"][:1]),
+                                      coco_bootstrap._xywh(tie["annotations"]["boxes"]), np.zeros(2, bool))
+    assert iou[0, 0] == iou[0, 1] == 100 / 120
+    iou = coco_bootstrap.box_iou_xywh(coco_bootstrap._xywh(crowd["detections"]["boxes"][:1]),
+                                      coco_bootstrap._xywh(crowd["annotations"]["boxes"][:2]), np.array([False, True]))
+    assert iou[0, 0] == pytest.approx(90.25 / 109.75) and iou[0, 1] == pytest.approx(0.9025)
+    for draw in ([0, 1, 2], [0, 0, 1], [1, 1, 2], [2, 2, 2], [0, 2, 2]):
+        weights = np.bincount(draw, minlength=3)[None, :]
+        expected = pycocotools_ap(dets, gts, np.sort(draw))
+        assert coco_bootstrap.weighted_aps(prepared, weights)[0] == pytest.approx(expected, abs=1e-12)
+    # with the later ground truth taken by det 0, det 1 is a false positive: AP of label 1 < 1
+    assert pycocotools_ap(dets, gts, [0]) < 0.99
