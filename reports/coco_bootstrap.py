@@ -31,10 +31,11 @@ This equals ``COCOeval`` on the resampled image list (copies side by side, in th
 original image order, given new image and annotation ids) to rounding, except where two
 detections of one category *in the same image* have exactly equal scores (the order of
 the copies inside that tie differs). IoUs are computed as pycocotools' C ``bbIou`` does,
-from ``xywh`` boxes (``w = x2 - x1`` in float64); the file stores ground-truth boxes as
-float32 ``xyxy``, so they equal the annotation file's only where its coordinates are
-float32-exact (the synthetic data's integers are; for real COCO an IoU within ~1e-7 of a
-threshold could be decided differently, which is rare and changes AP by a few 1e-5).
+from ``xywh`` boxes: the detections' ``w = x2 - x1`` in float64 from the float32 outputs
+(as ``trainers.evaluation.coco`` converts them), the ground truths' from the annotation
+file as it is (``"xywh"``, stored by the engine; without it, from the float32 ``xyxy``
+boxes, which round real COCO's coordinates: an IoU within ~1e-6 of a threshold could then
+be decided differently).
 """
 
 from __future__ import annotations
@@ -127,14 +128,19 @@ def prepare_coco(detections, annotations) -> PreparedCoco:
     """Match every image once as ``COCOeval`` does (bbox, area all, 100 detections).
 
     ``detections``/``annotations``: per image, as ``load_detections`` returns them (labels
-    are the detector's contiguous ones; ``annotations[i]["iscrowd"]`` marks crowd regions).
+    are the detector's contiguous ones; ``annotations[i]["iscrowd"]`` marks crowd regions,
+    ``annotations[i]["xywh"]``, where present, the annotation file's boxes).
     """
     dets = flatten_detections(detections)
     gts = flatten_annotations(annotations)
     crowd = np.concatenate([np.asarray(a.get("iscrowd", np.zeros(len(a["labels"]))), dtype=bool).reshape(-1)
                             for a in annotations] or [np.zeros(0, dtype=bool)])
     n_images = len(annotations)
-    det_xywh, gt_xywh = _xywh(dets["boxes"]), _xywh(gts["boxes"])
+    det_xywh = _xywh(dets["boxes"])
+    if annotations and all(a.get("xywh") is not None for a in annotations):  # the annotation file's own
+        gt_xywh = np.concatenate([np.asarray(a["xywh"], dtype=np.float64).reshape(-1, 4) for a in annotations])
+    else:
+        gt_xywh = _xywh(gts["boxes"])
     scores = np.asarray(dets["scores"], dtype=np.float64)
     det_area = det_xywh[:, 2] * det_xywh[:, 3]
     labels = [int(v) for v in np.unique(gts["labels"][~crowd])]

@@ -56,6 +56,7 @@ def test_report_ci_on_coco_trials(synthetic_coco, tmp_path, capsys):
     base = files["base"]
     assert base["meta"]["dataset"] == "coco"
     assert np.concatenate([a["iscrowd"] for a in base["annotations"]]).any()
+    assert all(a["xywh"].shape == (len(a["labels"]), 4) for a in base["annotations"])  # the file's own boxes
     for name, data in files.items():
         prepared = coco_bootstrap.prepare_coco(data["detections"], data["annotations"])
         ones = np.ones((1, prepared.n_images), np.int64)

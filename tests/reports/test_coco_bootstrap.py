@@ -206,3 +206,43 @@ def test_cocoeval_matching_rules_on_hand_made_cases():
         assert coco_bootstrap.weighted_aps(prepared, weights)[0] == pytest.approx(expected, abs=1e-12)
     # with the later ground truth taken by det 0, det 1 is a false positive: AP of label 1 < 1
     assert pycocotools_ap(dets, gts, [0]) < 0.99
+
+
+def test_engine_path_on_unrounded_coco_coordinates(tmp_path):
+    """Real COCO boxes have two decimals (not float32-exact): the engine's path
+    (``coco_evaluate`` for val/ap; ``coco_ground_truth`` -> ``save_detections``) keeps the
+    file's xywh, and the bootstrap's AP of the stored file is COCOeval's to 1e-12."""
+    from trainers.evaluation.coco import coco_evaluate, coco_ground_truth
+
+    rng = np.random.default_rng(11)
+    images, anns, predictions = [], [], []
+    for image_id in range(1, 31):
+        images.append({"id": image_id, "width": 640, "height": 640, "file_name": f"{image_id}.jpg"})
+        m = int(rng.integers(1, 8))
+        xywh = np.round(np.hstack([rng.uniform(100, 500, (m, 2)), rng.uniform(3, 120, (m, 2))]), 2)
+        cats = rng.choice([1, 3, 5, 9], m)
+        for box, cat in zip(xywh, cats):
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(cat), "bbox": box.tolist(),
+                         "area": float(box[2] * box[3]), "iscrowd": int(rng.random() < 0.1)})
+        xyxy = np.hstack([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]])
+        near = xyxy + rng.normal(0, 1, xyxy.shape) * xywh[:, 2:].repeat(2, 1) * 0.1
+        clutter = np.hstack([rng.uniform(100, 500, (5, 2)), rng.uniform(100, 500, (5, 2)) + 50])
+        labels = np.concatenate([[{1: 1, 3: 2, 5: 3, 9: 4}[c] for c in cats], rng.integers(1, 5, 5)])
+        predictions.append({"image_id": image_id, "boxes": np.vstack([near, clutter]).astype(np.float32),
+                            "scores": rng.random(m + 5).astype(np.float32), "labels": labels})
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": anns,
+                    "categories": [{"id": k, "name": str(k)} for k in (1, 3, 5, 9)]}
+    coco.createIndex()
+    logged = coco_evaluate(coco, predictions, [0, 1, 3, 5, 9])["ap"]
+    truth = coco_ground_truth(coco, [p["image_id"] for p in predictions], {1: 1, 3: 2, 5: 3, 9: 4})
+    save_detections(tmp_path / "d.npz", [{k: p[k] for k in ("boxes", "scores", "labels")} for p in predictions],
+                    truth, dataset="coco")
+    loaded = load_detections(tmp_path / "d.npz")
+    stored = np.concatenate([a["xywh"] for a in loaded["annotations"]])
+    assert np.array_equal(stored, np.array([a["bbox"] for a in anns]))
+    rounded = coco_bootstrap._xywh(np.concatenate([a["boxes"] for a in loaded["annotations"]]))
+    assert not np.array_equal(rounded, stored)  # what float32 xyxy alone would give
+    prepared = coco_bootstrap.prepare_coco(loaded["detections"], loaded["annotations"])
+    assert 0.05 < logged < 0.95
+    assert coco_bootstrap.weighted_aps(prepared, np.ones((1, 30), np.int64))[0] == pytest.approx(logged, abs=1e-12)
