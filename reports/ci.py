@@ -49,6 +49,7 @@ class Comparison:
     welch_p: float = math.nan
     why_no_interval: str = ""
     seeds: list = field(default_factory=list)   # the seeds paired for the interval
+    metric: str = ""              # the compared metric when not the runs' main one (--metric)
 
 
 def _group_key(config: dict) -> tuple:
@@ -59,7 +60,8 @@ def comparisons(trials: pd.DataFrame, metric_column: str) -> list[Comparison]:
     """The comparisons of the finished trials (state ok, metric logged), without intervals."""
     runs = normalize(trials)
     values = _column(trials, metric_column)
-    if metric_column == S.METRIC_PREFIX + S.METRIC_MAP:
+    default = metric_column == S.METRIC_PREFIX + S.METRIC_MAP
+    if default:
         # the default metric: each trial's main one (VOC mAP, else COCO AP), as the runs log it
         for name in S.MAIN_METRICS:
             values = values.fillna(_column(trials, S.METRIC_PREFIX + name))
@@ -87,7 +89,8 @@ def comparisons(trials: pd.DataFrame, metric_column: str) -> list[Comparison]:
             label=differs, context=context,
             baseline_runs=list(runs.loc[base_rows, "run_id"]), other_runs=list(runs.loc[rows, "run_id"]),
             baseline_values=list(runs.loc[base_rows, "value"]), other_values=list(runs.loc[rows, "value"]),
-            seeds=[list(runs.loc[base_rows, "seed"]), list(runs.loc[rows, "seed"])]))
+            seeds=[list(runs.loc[base_rows, "seed"]), list(runs.loc[rows, "seed"])],
+            metric="" if default else metric_column.removeprefix(S.METRIC_PREFIX)))
     return found
 
 
@@ -138,6 +141,10 @@ def with_intervals(client, found: list[Comparison], n_resamples: int = 1000, see
             if missing:
                 comparison.why_no_interval = (f"no {S.ARTIFACT_DETECTIONS} in run(s) "
                                               + ", ".join(m[:8] for m in missing))
+                continue
+            main = S.METRIC_AP if loaded[0][0]["meta"].get("dataset") == "coco" else S.METRIC_MAP
+            if comparison.metric and comparison.metric != main:
+                comparison.why_no_interval = f"the bootstrap resamples {main}, not {comparison.metric}"
                 continue
             try:
                 comparison.interval = bootstrap.paired_delta([a for a, _ in loaded], [b for _, b in loaded],

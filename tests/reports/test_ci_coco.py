@@ -81,3 +81,13 @@ def test_report_ci_on_coco_trials(synthetic_coco, tmp_path, capsys):
     assert (low, high) == (pytest.approx(interval.low, abs=0.006), pytest.approx(interval.high, abs=0.006))
     assert low <= float(shown.group(1)) <= high
     assert (shown.group(2) is not None) == (low > 0 or high < 0)
+
+    # another metric than the main one: its seeds' values, but no interval (the bootstrap resamples val/ap)
+    code = main(["report", "--sweep", sweep, "--tracking-uri", uri, "--out", str(tmp_path / "ap50"), "--ci",
+                 "--no-figures", "--table", "5", "--resamples", "100", "--metric", "ap50"])
+    assert code == 0
+    (row,) = [line for line in (tmp_path / "ap50" / "ci.md").read_text().splitlines() if "method = alwa" in line]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    ap50 = {name: read.get_run(run_id).data.metrics[S.metric_val("ap50")] * 100 for name, run_id in runs.items()}
+    assert cells[2] == f"{ap50['base']:.2f}" and cells[3] == f"{ap50['alwa']:.2f}"
+    assert cells[5] == "– (the bootstrap resamples val/ap, not val/ap50)"
