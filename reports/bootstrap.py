@@ -19,7 +19,8 @@ image* have exactly equal scores: there the order of the copies inside the tie d
 
 ``paired_delta`` draws one set of resamples and applies it to both trials (they must
 have been evaluated on the same images), so the interval is that of the difference, not
-of each mAP.
+of each mAP. For COCO trials (``meta["dataset"] == "coco"``) it resamples COCO bbox AP
+the same way, through ``reports.coco_bootstrap``.
 """
 
 from __future__ import annotations
@@ -151,36 +152,54 @@ class DeltaInterval:
 
 
 def paired_delta(baseline, other, n_resamples: int = 1000, seed: int = 0,
-                 level: float = 0.95, chunk: int = 100) -> DeltaInterval:
-    """Paired bootstrap interval of ``mAP(other) - mAP(baseline)`` over test images.
+                 level: float = 0.95, chunk: int | None = None) -> DeltaInterval:
+    """Paired bootstrap interval of ``metric(other) - metric(baseline)`` over test images.
 
     ``baseline``/``other``: ``load_detections`` results evaluated on the same images
     (same ids, same ground truth), or equally long lists of them (the seeds of two
     configs, paired seed by seed): then the delta is the mean over the pairs, and each
-    resample draws the same images for every pair. The evaluation settings are those in
-    the first one's ``meta``.
+    resample draws the same images for every pair. The metric is the one the trials
+    logged: VOC mAP with the evaluation settings in the first one's ``meta``, or, for
+    ``meta["dataset"] == "coco"``, COCO bbox AP@[.5:.95] (``reports.coco_bootstrap``).
+    ``chunk``: resamples evaluated at once (memory; default 100 for VOC, sized to the
+    largest category for COCO).
     """
     baselines = baseline if isinstance(baseline, list) else [baseline]
     others = other if isinstance(other, list) else [other]
     if len(baselines) != len(others) or not baselines:
         raise UserInputError("paired_delta", f"{len(baselines)} baselines for {len(others)} trials.",
                              "Pair the trials seed by seed.")
+    datasets = {str(x["meta"].get("dataset", "voc")) for x in baselines + others}
+    if len(datasets) > 1:
+        raise UserInputError("detections.npz", f"the trials were evaluated on different kinds of "
+                             f"dataset ({', '.join(sorted(datasets))}).",
+                             "Compare trials of the same dataset.")
     for item in baselines[1:] + others:
         _check_same_images(baselines[0], item)
     meta = baselines[0]["meta"]
-    settings = dict(iou_threshold=meta.get("iou_threshold", 0.5), method=meta.get("method", "11point"),
-                    legacy_coordinates=meta.get("legacy_coordinates", False))
-    a = [prepare(x["detections"], x["annotations"], **settings) for x in baselines]
-    b = [prepare(x["detections"], x["annotations"], **settings) for x in others]
+    if datasets == {"coco"}:
+        from reports import coco_bootstrap
+
+        a = [coco_bootstrap.prepare_coco(x["detections"], x["annotations"]) for x in baselines]
+        b = [coco_bootstrap.prepare_coco(x["detections"], x["annotations"]) for x in others]
+        evaluate = coco_bootstrap.weighted_aps
+        chunk = chunk or coco_bootstrap.default_chunk(a + b)
+    else:
+        settings = dict(iou_threshold=meta.get("iou_threshold", 0.5), method=meta.get("method", "11point"),
+                        legacy_coordinates=meta.get("legacy_coordinates", False))
+        a = [prepare(x["detections"], x["annotations"], **settings) for x in baselines]
+        b = [prepare(x["detections"], x["annotations"], **settings) for x in others]
+        evaluate = weighted_maps
+        chunk = chunk or 100
     n_images = a[0].n_images
     full = np.ones((1, n_images), dtype=np.int32)
-    map_a = float(np.mean([weighted_maps(p, full)[0] for p in a]))
-    map_b = float(np.mean([weighted_maps(p, full)[0] for p in b]))
+    map_a = float(np.mean([evaluate(p, full)[0] for p in a]))
+    map_b = float(np.mean([evaluate(p, full)[0] for p in b]))
     rng = np.random.default_rng(seed)
     deltas = []
     for start in range(0, n_resamples, chunk):
         weights = resample_weights(n_images, min(chunk, n_resamples - start), rng)
-        deltas.append(np.mean([weighted_maps(pb, weights) - weighted_maps(pa, weights)
+        deltas.append(np.mean([evaluate(pb, weights) - evaluate(pa, weights)
                                for pa, pb in zip(a, b)], axis=0))
     deltas = np.concatenate(deltas) * 100.0
     tail = (1.0 - level) / 2.0
@@ -194,12 +213,19 @@ def _check_same_images(a: dict, b: dict) -> None:
         raise UserInputError("detections.npz", "the two trials were evaluated on different images "
                              f"({a['image_ids'].size} vs {b['image_ids'].size} images, or another order).",
                              "Compare trials evaluated on the same test set.")
-    for key in ("boxes", "labels", "difficult"):
-        left = np.concatenate([x[key].reshape(-1) for x in a["annotations"]] or [np.zeros(0)])
-        right = np.concatenate([x[key].reshape(-1) for x in b["annotations"]] or [np.zeros(0)])
+    for key in ("boxes", "labels", "difficult", "iscrowd"):
+        left = np.concatenate([_flags(x, key) for x in a["annotations"]] or [np.zeros(0)])
+        right = np.concatenate([_flags(x, key) for x in b["annotations"]] or [np.zeros(0)])
         if not np.array_equal(left, right):
             raise UserInputError("detections.npz", f"the two trials' ground-truth {key} differ.",
                                  "Compare trials evaluated on the same test set.")
+
+
+def _flags(annotation: dict, key: str) -> np.ndarray:
+    value = annotation.get(key)
+    if value is None:  # no difficult / iscrowd flags: all False
+        return np.zeros(len(annotation["labels"]), dtype=bool)
+    return np.asarray(value).reshape(-1)
 
 
 def welch(a, b) -> float:

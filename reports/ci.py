@@ -4,8 +4,9 @@ Every finished trial config (its params without ``train.seed``) that is not a ba
 is compared with its baseline: the config with the same params except ``weighting.*``
 and method none (or fixed weights 1, 1). Per comparison:
 
-* a paired bootstrap 95 % interval of the mAP delta over test images
-  (``reports.bootstrap.paired_delta``) from the trials' ``detections.npz`` artifacts;
+* a paired bootstrap 95 % interval of the delta of the logged main metric over test
+  images (``reports.bootstrap.paired_delta``: VOC mAP, or COCO bbox AP@[.5:.95] through
+  ``reports.coco_bootstrap``) from the trials' ``detections.npz`` artifacts;
   with several seeds the seeds are paired by ``train.seed`` and the interval is that of
   the mean delta over the pairs;
 * with at least two seeds on each side, the mean ± std over seeds of both and Welch's
@@ -48,6 +49,7 @@ class Comparison:
     welch_p: float = math.nan
     why_no_interval: str = ""
     seeds: list = field(default_factory=list)   # the seeds paired for the interval
+    metric: str = ""              # the compared metric when not the runs' main one (--metric)
 
 
 def _group_key(config: dict) -> tuple:
@@ -57,7 +59,13 @@ def _group_key(config: dict) -> tuple:
 def comparisons(trials: pd.DataFrame, metric_column: str) -> list[Comparison]:
     """The comparisons of the finished trials (state ok, metric logged), without intervals."""
     runs = normalize(trials)
-    runs = runs.assign(value=pd.to_numeric(trials.get(metric_column), errors="coerce") * 100.0,
+    values = _column(trials, metric_column)
+    default = metric_column == S.METRIC_PREFIX + S.METRIC_MAP
+    if default:
+        # the default metric: each trial's main one (VOC mAP, else COCO AP), as the runs log it
+        for name in S.MAIN_METRICS:
+            values = values.fillna(_column(trials, S.METRIC_PREFIX + name))
+    runs = runs.assign(value=values * 100.0,
                        seed=trials.get(S.PARAM_PREFIX + S.PARAM_SEED, pd.Series("0", index=trials.index)))
     runs = runs[(runs["state"] == S.STATUS_OK) & np.isfinite(runs["value"])]
     groups: dict = {}
@@ -81,8 +89,15 @@ def comparisons(trials: pd.DataFrame, metric_column: str) -> list[Comparison]:
             label=differs, context=context,
             baseline_runs=list(runs.loc[base_rows, "run_id"]), other_runs=list(runs.loc[rows, "run_id"]),
             baseline_values=list(runs.loc[base_rows, "value"]), other_values=list(runs.loc[rows, "value"]),
-            seeds=[list(runs.loc[base_rows, "seed"]), list(runs.loc[rows, "seed"])]))
+            seeds=[list(runs.loc[base_rows, "seed"]), list(runs.loc[rows, "seed"])],
+            metric="" if default else metric_column.removeprefix(S.METRIC_PREFIX)))
     return found
+
+
+def _column(trials: pd.DataFrame, column: str) -> pd.Series:
+    if column not in trials:
+        return pd.Series(np.nan, index=trials.index, dtype=float)
+    return pd.to_numeric(trials[column], errors="coerce").astype(float)
 
 
 def _download(client, run_id: str, folder: Path) -> dict | None:
@@ -127,8 +142,9 @@ def with_intervals(client, found: list[Comparison], n_resamples: int = 1000, see
                 comparison.why_no_interval = (f"no {S.ARTIFACT_DETECTIONS} in run(s) "
                                               + ", ".join(m[:8] for m in missing))
                 continue
-            if any(data["meta"].get("dataset") == "coco" for pair in loaded for data in pair):
-                comparison.why_no_interval = "COCO AP bootstrap not implemented (VOC mAP only)"
+            main = S.METRIC_AP if loaded[0][0]["meta"].get("dataset") == "coco" else S.METRIC_MAP
+            if comparison.metric and comparison.metric != main:
+                comparison.why_no_interval = f"the bootstrap resamples {main}, not {comparison.metric}"
                 continue
             try:
                 comparison.interval = bootstrap.paired_delta([a for a, _ in loaded], [b for _, b in loaded],
@@ -154,7 +170,8 @@ def to_markdown(found: list[Comparison], n_resamples: int) -> str:
         p = "–" if math.isnan(c.welch_p) else f"{c.welch_p:.3f}"
         lines.append(f"| {c.context} | {c.label} | {_seeds_text(c.baseline_values)} | "
                      f"{_seeds_text(c.other_values)} | {delta} | {bounds} | {p} |")
-    lines += ["", f"Δ: mAP of the trial − the baseline's on the test set, recomputed from the "
+    lines += ["", f"Δ: mAP (VOC) or bbox AP@[.5:.95] (COCO) of the trial − the baseline's on the test set, "
+              f"recomputed from the "
               f"trials' {S.ARTIFACT_DETECTIONS} (mean over seeds paired by train.seed). Interval: "
               f"2.5–97.5 % of {n_resamples} paired resamples of the test images. {MARK}: the interval "
               "excludes 0. Welch p: Welch's t-test on the seeds' logged final metric (two seeds "

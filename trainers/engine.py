@@ -531,9 +531,15 @@ def _train_epochs(run: Run, result: TrainResult) -> None:
                 run.evaluations.append((eval_epoch, evaluation.metrics))
                 result.metrics = evaluation.metrics
                 run.hooks.log_evaluation(eval_epoch, position.iteration, evaluation.metrics)
-                if finished and evaluation.detections and config.dataset.kind == "voc":
-                    # what `report --ci` bootstraps over (reports/bootstrap.py)
-                    annotations = [run.test_set.annotations[i] for i in evaluation.image_indices]
+                if finished and evaluation.detections and config.dataset.kind in ("voc", "coco"):
+                    # what `report --ci` bootstraps over (reports/bootstrap.py, reports/coco_bootstrap.py)
+                    if config.dataset.kind == "coco":  # boxes, labels and crowd flags, as COCOeval saw them
+                        from trainers.evaluation.coco import coco_ground_truth
+                        annotations = coco_ground_truth(
+                            run.test_set.coco, [run.test_set.coco_image_id(i) for i in evaluation.image_indices],
+                            run.test_set.cat_id_to_label)
+                    else:
+                        annotations = [run.test_set.annotations[i] for i in evaluation.image_indices]
                     run.hooks.log_detections(evaluation.detections, annotations, evaluation.image_indices,
                                              run.test_set.class_names)
             run.checkpoint()

@@ -33,7 +33,8 @@ class TrainingHook:
 
     def log_detections(self, detections: list[dict], annotations: list[dict], image_ids: list,
                        class_names: list[str]) -> None:
-        """The final evaluation's detections and ground truth, per test image (rank 0, VOC)."""
+        """The final evaluation's detections and ground truth, per test image (rank 0;
+        COCO ground truth with ``iscrowd``)."""
 
     def wait(self) -> None:
         """Block until everything logged so far is stored (hooks that write in the

@@ -121,6 +121,28 @@ def per_category_ap(evaluation: COCOeval) -> dict:
     return aps
 
 
+def coco_ground_truth(coco_gt: COCO, image_ids, cat_id_to_label) -> list:
+    """Per COCO image id, its ground truth as ``save_detections`` takes it.
+
+    ``{"boxes": (G, 4) float32 xyxy, "labels": (G,) contiguous, "iscrowd": (G,) bool,
+    "xywh": (G, 4) float64}`` with every annotation of the image in the annotation file's
+    order (the order ``COCOeval`` sees them in), crowd regions included; ``xywh`` is the
+    file's ``bbox`` as it is (``COCOeval``'s IoUs are computed from it, and float32 ``xyxy``
+    would round it). ``report --ci`` recomputes the logged bbox AP from these
+    (``reports.coco_bootstrap``).
+    """
+    out = []
+    for image_id in image_ids:
+        anns = coco_gt.imgToAnns.get(int(image_id), [])
+        boxes = np.asarray([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                            for a in anns], dtype=np.float32).reshape(-1, 4)
+        out.append({"boxes": boxes,
+                    "labels": np.asarray([cat_id_to_label[a["category_id"]] for a in anns], dtype=np.int64),
+                    "iscrowd": np.asarray([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool),
+                    "xywh": np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)})
+    return out
+
+
 def category_id_of(label_to_cat_id, label: int) -> int:
     try:
         if isinstance(label_to_cat_id, dict):

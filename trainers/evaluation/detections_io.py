@@ -8,7 +8,9 @@ of the loaded arrays equals ``voc_map`` of the engine's own tensors.
 
 Arrays in the file: ``image_ids`` (N,) str; ``det_counts`` (N,) int64, ``det_boxes``
 (D, 4) float32, ``det_scores`` (D,) float32, ``det_labels`` (D,) int32; ``gt_counts``,
-``gt_boxes``, ``gt_labels``, ``gt_difficult`` (bool), ``gt_iscrowd`` (bool); ``meta``
+``gt_boxes``, ``gt_labels``, ``gt_difficult`` (bool), ``gt_iscrowd`` (bool); for COCO,
+when the annotations carry them, ``gt_xywh`` (G, 4) float64, the annotation file's boxes
+unrounded (loaded as each annotation's ``"xywh"``); ``meta``
 a JSON string (``format``, ``dataset``, ``iou_threshold``, ``method``,
 ``legacy_coordinates``, ``class_names`` and whatever the caller adds).
 """
@@ -34,7 +36,8 @@ def save_detections(path, detections, annotations, *, image_ids=None, dataset: s
 
     ``image_ids``: one id per image (default ``0..N-1``); two trials are compared image by
     image, so both must have evaluated the same images in the same order. ``iscrowd``: one
-    bool array per image (COCO), default all False. The evaluation settings go into
+    bool array per image (COCO), default the annotations' own ``"iscrowd"`` where they
+    have one, else all False. The evaluation settings go into
     ``meta`` so a reader recomputes the metric the trial logged.
     """
     if len(detections) != len(annotations):
@@ -46,11 +49,20 @@ def save_detections(path, detections, annotations, *, image_ids=None, dataset: s
     ids = np.asarray([str(i) for i in (range(n_images) if image_ids is None else image_ids)])
     if ids.shape != (n_images,):
         raise UserInputError("image_ids", f"{ids.size} ids for {n_images} images.")
+    if iscrowd is None and any(entry.get("iscrowd") is not None for entry in annotations):
+        iscrowd = [entry.get("iscrowd") if entry.get("iscrowd") is not None
+                   else np.zeros(np.asarray(entry["labels"]).size, dtype=bool) for entry in annotations]
     crowd = (np.zeros(gts["labels"].size, dtype=bool) if iscrowd is None
-             else np.concatenate([np.asarray(c, dtype=bool).reshape(-1) for c in iscrowd]
+             else np.concatenate([_numpy(c).astype(bool).reshape(-1) for c in iscrowd]
                                  or [np.zeros(0, dtype=bool)]))
     if crowd.size != gts["labels"].size:
         raise UserInputError("iscrowd", f"{crowd.size} flags for {gts['labels'].size} ground truths.")
+    # COCO: the annotation file's xywh boxes as they are (what COCOeval's IoUs use)
+    xywh = None
+    if annotations and all(entry.get("xywh") is not None for entry in annotations):
+        xywh = np.concatenate([_numpy(entry["xywh"]).astype(np.float64).reshape(-1, 4) for entry in annotations])
+        if xywh.shape[0] != gts["labels"].size:
+            raise UserInputError("annotations", f"{xywh.shape[0]} xywh boxes for {gts['labels'].size} ground truths.")
     meta = {"format": FORMAT, "dataset": dataset, "iou_threshold": float(iou_threshold),
             "method": method, "legacy_coordinates": bool(legacy_coordinates),
             "class_names": list(class_names) if class_names is not None else None,
@@ -67,7 +79,8 @@ def save_detections(path, detections, annotations, *, image_ids=None, dataset: s
             gt_counts=np.bincount(gts["images"], minlength=n_images).astype(np.int64),
             gt_boxes=np.asarray(gts["boxes"], dtype=np.float32).reshape(-1, 4),
             gt_labels=gts["labels"].astype(np.int32), gt_difficult=gts["difficult"],
-            gt_iscrowd=crowd, meta=np.asarray(json.dumps(meta)))
+            gt_iscrowd=crowd, meta=np.asarray(json.dumps(meta)),
+            **({} if xywh is None else {"gt_xywh": xywh}))
     return path
 
 
@@ -98,5 +111,13 @@ def load_detections(path) -> dict:
         annotations.append({"boxes": arrays["gt_boxes"][g0:g1], "labels": arrays["gt_labels"][g0:g1],
                             "difficult": arrays["gt_difficult"][g0:g1],
                             "iscrowd": arrays["gt_iscrowd"][g0:g1]})
+        if "gt_xywh" in arrays:
+            annotations[-1]["xywh"] = arrays["gt_xywh"][g0:g1]
     return {"detections": detections, "annotations": annotations,
             "image_ids": arrays["image_ids"], "meta": meta}
+
+
+def _numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
