@@ -52,6 +52,7 @@ from trainers.data.build import build_datasets
 from trainers.data.transforms import collate_fn
 from trainers.detectors import build_detector
 from trainers.evaluation import coco_evaluate, voc_map
+from trainers.evaluation.coco import coco_ground_truth
 from trainers.records import RecordBuffer, first_non_finite
 from trainers.sampling import FlipOnRequest, GroupedEpochSampler, RankBatchSampler, aspect_ratio_flags
 from trainers.schedule import build_schedule
@@ -451,6 +452,16 @@ def _coco_metrics(dataset, indices, detections, config: TrainingConfig) -> dict[
     return {metric_val(name): float(value) for name, value in metrics.items()}
 
 
+def _ground_truth(run: Run, image_indices: list) -> list:
+    """The test images' ground truth as the evaluation saw it (COCO: boxes, labels and
+    crowd flags from the annotation file, as COCOeval reads them)."""
+    test_set = run.test_set
+    if run.config.dataset.kind == "coco":
+        return coco_ground_truth(test_set.coco, [test_set.coco_image_id(i) for i in image_indices],
+                                 test_set.cat_id_to_label)
+    return [test_set.annotations[i] for i in image_indices]
+
+
 def _resume(run: Run, resume) -> None:
     """Load the newest loadable checkpoint of ``resume`` (a file or folder; ``True``:
     the run's own folder, a fresh start when it holds none)."""
@@ -531,17 +542,10 @@ def _train_epochs(run: Run, result: TrainResult) -> None:
                 run.evaluations.append((eval_epoch, evaluation.metrics))
                 result.metrics = evaluation.metrics
                 run.hooks.log_evaluation(eval_epoch, position.iteration, evaluation.metrics)
-                if finished and evaluation.detections and config.dataset.kind in ("voc", "coco"):
+                if finished and evaluation.detections:
                     # what `report --ci` bootstraps over (reports/bootstrap.py, reports/coco_bootstrap.py)
-                    if config.dataset.kind == "coco":  # boxes, labels and crowd flags, as COCOeval saw them
-                        from trainers.evaluation.coco import coco_ground_truth
-                        annotations = coco_ground_truth(
-                            run.test_set.coco, [run.test_set.coco_image_id(i) for i in evaluation.image_indices],
-                            run.test_set.cat_id_to_label)
-                    else:
-                        annotations = [run.test_set.annotations[i] for i in evaluation.image_indices]
-                    run.hooks.log_detections(evaluation.detections, annotations, evaluation.image_indices,
-                                             run.test_set.class_names)
+                    run.hooks.log_detections(evaluation.detections, _ground_truth(run, evaluation.image_indices),
+                                             evaluation.image_indices, run.test_set.class_names)
             run.checkpoint()
     finally:
         result.iterations = run.position.iteration
