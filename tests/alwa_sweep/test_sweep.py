@@ -33,11 +33,11 @@ SPECS = sorted(p for p in (REPO / "search_spaces").glob("*.yaml") if p.name != "
 @pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
 def test_shipped_specs_validate(path, capsys):
     spec = load_spec(path, check_paths=False)
-    assert spec.trials
+    assert spec.trials or (spec.search is not None and spec.probes)
     if path.name != "demo.yaml":
         assert spec.resources.workers * spec.resources.gpus_per_worker in (4, 2)
         assert main(["validate", str(path)]) == 0
-        assert f"trials: {len(spec.trials)}" in capsys.readouterr().out
+        assert f"trials: {spec.trial_count}" in capsys.readouterr().out
 
 
 def test_paper_specs_have_the_papers_trial_counts():
