@@ -172,3 +172,23 @@ def test_set_reaches_one_end_of_a_range(synthetic_voc):
     assert spec.search.space["weighting.cls"].low == 0.7 and spec.search.space["weighting.cls"].high == 2.0
     assert (spec.search.space["weighting.reg"].low, spec.search.space["weighting.reg"].high) == (0.25, 1.0)
     assert isinstance(spec.search, Search) and len(spec.probes) == 4
+
+
+def test_the_shipped_search_trains_as_table1s_voc_sgd_l1_column():
+    """search_rpn_weights_voc.yaml: every setting but the sampled weights is Table 1's
+    (which is checked against the released ones in test_released_settings.py)."""
+    from pathlib import Path
+
+    from trainers.config import flatten
+
+    spaces = Path(__file__).resolve().parents[2] / "search_spaces"
+    searched = load_spec(spaces / "search_rpn_weights_voc.yaml", check_paths=False)
+    table1 = load_spec(spaces / "table1_loss_weight_grid.yaml", check_paths=False)
+    column = [t for t in table1.trials if flatten(t.config.dump()).get("model.losses.roi_reg.type") == "l1"
+              and t.config.optimizer.type == "sgd" and t.config.dataset.kind == "voc"
+              and (t.config.weighting.cls, t.config.weighting.reg) == (1.0, 1.0)]
+    assert len(column) == 1
+    column = column[0]
+    probe = sampled_trial(searched.base, {"weighting.cls": 1.0, "weighting.reg": 1.0})
+    assert probe.config.dump() == column.config.dump()
+    assert searched.resources == table1.resources
