@@ -9,16 +9,27 @@ Each ``*_figure`` function only draws (and returns None when it has nothing to d
 the functions that take a client read the histories and save. Figures are built on
 ``matplotlib.figure.Figure`` with the Agg canvas, never pyplot, so no global backend
 or figure registry is touched.
+
+Saving: the constrained layout and the tight bounding box are computed once per figure
+(on Agg, at the saving dpi) and both files reuse them, instead of ``savefig(...,
+bbox_inches="tight")`` laying the figure out again for each format; the PNG is pixel for
+pixel what that call writes. ``all_trial_figures`` renders the trials in a process pool
+(``jobs``), each worker reading its trials' histories through its own client
+(``benchmarks/bench_figures.py`` measures both).
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import rcParams
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
@@ -28,18 +39,34 @@ from reports import schema as S
 from reports.tables import Table, format_number
 
 FORMATS = ("png", "pdf")
+DPI = 120
+MAX_JOBS = 64  # --jobs accepts 1..MAX_JOBS
+AUTO_JOBS_CAP = 8  # the default: the CPUs, at most this many ...
+TRIALS_PER_WORKER = 4  # ... and one worker per this many trials (a worker's start ≈ a few trials' figures)
 _MAX_LEGEND = 12
 WINDOW_KEYS = ("cls_mean", "reg_mean", "cls_std", "reg_std")
 _UPDATE_KEY = S.metric_window("cls_mean")  # logged once per ALWA update
 
 
 def save(figure: Figure, out_dir: Path, stem: str) -> list[Path]:
+    """``stem.png`` and ``stem.pdf``, cropped to the figure's tight bounding box.
+
+    One layout for both: the constrained layout runs once (Agg, at ``DPI``), the tight box
+    is measured on it, then the layout is frozen and each format only draws. The PNG
+    equals ``savefig(path, dpi=DPI, bbox_inches="tight")`` pixel for pixel; the PDF has
+    the same layout and box (measured with Agg's text extents rather than the PDF
+    renderer's, which differ by a fraction of a point)."""
     FigureCanvasAgg(figure)
     out_dir.mkdir(parents=True, exist_ok=True)
+    figure.set_dpi(DPI)
+    figure.draw_without_rendering()
+    pad = rcParams["savefig.pad_inches"]
+    bbox = figure.get_tightbbox().padded(0.1 if pad in (None, "layout") else float(pad))
+    figure.set_layout_engine("none")
     paths = []
     for fmt in FORMATS:
         path = out_dir / f"{stem}.{fmt}"
-        figure.savefig(path, dpi=120, bbox_inches="tight")
+        figure.savefig(path, dpi=DPI, bbox_inches=bbox)
         paths.append(path)
     return paths
 
@@ -140,17 +167,105 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
 
 
+def trial_stem(trial: pd.Series) -> str:
+    """The file-name stem of a trial's figures: ``trial_<name>_<run id[:8]>``."""
+    return f"trial_{_safe(str(trial.get('name') or ''))}_{trial['run_id'][:8]}"
+
+
 def trial_figures(client, trial: pd.Series, out_dir: Path) -> list[Path]:
     """The per-trial figures of one row of ``reports.runs.load_trials``; those without data are skipped."""
-    run_id = trial["run_id"]
-    stem = f"trial_{_safe(str(trial.get('name') or ''))}_{run_id[:8]}"
-    histories = trial_histories(client, trial)
+    return save_trial_figures(trial_histories(client, trial), trial, out_dir)
+
+
+def save_trial_figures(histories: dict, trial: pd.Series, out_dir: Path) -> list[Path]:
+    """The per-trial figures drawn from histories already read (``trial_histories``)."""
+    stem = trial_stem(trial)
     paths = []
-    for kind, figure in (("losses", losses_figure(histories, weighted_head(trial))),
-                         ("window", window_figure(histories)), ("alpha", alpha_figure(histories))):
+    for kind, draw in (("losses", lambda: losses_figure(histories, weighted_head(trial))),
+                       ("window", lambda: window_figure(histories)), ("alpha", lambda: alpha_figure(histories))):
+        figure = draw()  # one figure alive at a time
         if figure is not None:
             paths += save(figure, out_dir, f"{stem}_{kind}")
     return paths
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_jobs(n_trials: int) -> int:
+    """The default worker count: the CPUs (at most ``AUTO_JOBS_CAP``), and no more than one
+    worker per ``TRIALS_PER_WORKER`` trials; 1 (no pool) for a handful of trials."""
+    return max(1, min(available_cpus(), AUTO_JOBS_CAP, n_trials // TRIALS_PER_WORKER))
+
+
+_worker_client = None
+
+
+def _start_worker(tracking_uri: str, cwd: str, mlflow_env: dict) -> None:
+    """A worker's client. The forkserver may have started in another folder or before
+    the caller's environment changed: the caller's folder (a relative ``sqlite:///./…``)
+    and its ``MLFLOW_*`` variables (credentials, timeouts) come along."""
+    global _worker_client
+    os.chdir(cwd)
+    for name in [name for name in os.environ if name.startswith("MLFLOW_")]:
+        del os.environ[name]
+    os.environ.update(mlflow_env)
+    from reports import runs
+    _worker_client = runs.open_client(tracking_uri)
+
+
+def _worker_trial_figures(trial: pd.Series, out_dir: Path) -> list[str]:
+    return [path.name for path in trial_figures(_worker_client, trial, out_dir)]
+
+
+def _pool_context():
+    """forkserver (a clean single-threaded process forks the workers: no inherited MLflow
+    store, SQLite connection or thread), spawn where there is none."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["reports.figures", "reports.runs"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def all_trial_figures(client, trials: pd.DataFrame, out_dir: Path, *, jobs: int = 1,
+                      tracking_uri: str | None = None, on_done=None) -> list[Path]:
+    """``trial_figures`` of every trial, in the trials' order.
+
+    ``jobs`` > 1 (and more than one trial): a pool of that many processes (at most one per
+    trial), each opening its own client on ``tracking_uri`` and reading the histories of
+    the trials it draws; otherwise one after the other through ``client``. ``on_done()`` is
+    called after each trial (a progress bar)."""
+    rows = [trial for _, trial in trials.iterrows()]
+    jobs = min(jobs, len(rows))
+    if jobs <= 1:
+        paths = []
+        for trial in rows:
+            paths += trial_figures(client, trial, out_dir)
+            if on_done is not None:
+                on_done()
+        return paths
+    if tracking_uri is None:
+        raise ValueError("all_trial_figures: jobs > 1 needs the tracking_uri the workers open")
+    out_dir = Path(out_dir)
+    done: list[list[Path] | None] = [None] * len(rows)
+    mlflow_env = {name: value for name, value in os.environ.items() if name.startswith("MLFLOW_")}
+    with ProcessPoolExecutor(jobs, mp_context=_pool_context(), initializer=_start_worker,
+                             initargs=(tracking_uri, os.getcwd(), mlflow_env)) as pool:
+        pending = {pool.submit(_worker_trial_figures, trial, out_dir): i for i, trial in enumerate(rows)}
+        try:
+            for future in as_completed(pending):
+                done[pending[future]] = [out_dir / name for name in future.result()]
+                if on_done is not None:
+                    on_done()
+        except BaseException:  # a worker's error, Ctrl-C, SIGTERM: drop the trials not started
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return [path for paths in done for path in paths]
 
 
 def heatmap_grids(table: Table) -> dict:
