@@ -1,0 +1,304 @@
+"""The report's figure stage at paper scale: old (serial, one layout per file) vs new.
+
+Writes N trials of real length into a SQLite store with ``bench_records_scale.write_trial``
+(Table 1's configs and names, two VOC trials per COCO trial; VOC 51,936 iterations, COCO
+177,432; the real ``MlflowHook`` at ``train.log_interval`` 50: 1,039 / 3,549 points per loss
+curve, window statistics and α every 100 iterations: 519 / 1,774 points), then times the
+figure stage of ``alwa-sweep report`` (every trial's figures, Table 1's heatmap, the metric
+per epoch) on the first N = 3, 6, 12, 24 trials:
+
+  * reads: the histories the figures read (``figures.trial_histories`` + each val history),
+    serial, as bench_records_scale.py times them,
+  * old: the code before this benchmark (each trial in turn; every file its own
+    ``savefig(bbox_inches="tight")``, i.e. its own constrained layout and tight box),
+  * new, 1 job: ``figures.all_trial_figures(jobs=1)`` (one layout per figure, both files),
+  * new, default jobs: as report runs it (``figures.auto_jobs(N)``; above 1, a process pool,
+    each worker reading its trials' histories),
+  * new, J jobs (the CPUs, at most 8), reads in the parent: the parent reads, the pool only draws (the
+    alternative, measured to choose between them).
+
+A pool's time includes its workers' start; the forkserver's one-off start (it imports
+matplotlib, pandas and MLflow once per report) is measured separately and added. Two kinds
+of trials: ``alwa`` (every trial logs α and the window statistics, as bench_records_scale
+writes them: 3 figures, 6 files per trial) and ``table1`` (Table 1's fixed-weight trials: no
+α or window statistics, the losses figure only). Every variant must write the same files,
+the PNGs decoded pixel-identical to old's. Times are extrapolated linearly in N to Table 1
+(N = 120, 80 VOC + 40 COCO), and said so.
+
+Claim: the new figure stage with report's default jobs (``figures.auto_jobs``: the CPUs,
+at most 8, one per 4 trials; 1 job below 8 trials) is faster than old at every N, with
+identical PNG pixels; the script also prints the extrapolated N = 120 against a 30 s goal
+(on a 2-core machine shared with other processes that goal is out of reach for ALWA trials:
+see benchmarks/README.md).
+
+    python benchmarks/bench_figures.py                  # N = 3,6,12,24; both kinds (~10 min)
+    python benchmarks/bench_figures.py --quick          # N = 3,6; alwa; trials at 1/4 length
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
+
+import numpy as np  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import bench_records_scale as records  # noqa: E402
+from alwa_sweep.tracking import get_or_create_experiment, open_store, sqlite_uri  # noqa: E402
+from reports import figures, runs, tables  # noqa: E402
+from reports.schema import KIND_SWEEP, METRIC_ALPHA, TAG_KIND  # noqa: E402
+
+TABLE1_N = records.TABLE1_VOC + records.TABLE1_COCO
+GOAL_S = 30.0
+
+
+# ---- the code before this change (reports/figures.py at f577726), kept as the reference ----
+
+def old_save(figure, out_dir: Path, stem: str) -> list[Path]:
+    FigureCanvasAgg(figure)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in figures.FORMATS:
+        path = out_dir / f"{stem}.{fmt}"
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def old_stage(client, trials, table, out_dir: Path) -> list[Path]:
+    paths = []
+    for _, trial in trials.iterrows():
+        histories = figures.trial_histories(client, trial)
+        stem = figures.trial_stem(trial)
+        for kind, figure in (("losses", figures.losses_figure(histories, figures.weighted_head(trial))),
+                             ("window", figures.window_figure(histories)), ("alpha", figures.alpha_figure(histories))):
+            if figure is not None:
+                paths += old_save(figure, out_dir, f"{stem}_{kind}")
+    for stem, figure in (("table1_heatmap", figures.heatmap_figure(table)),
+                         ("metric_per_epoch", figures.metric_figure(val_curves(client, trials)))):
+        if figure is not None:
+            paths += old_save(figure, out_dir, stem)
+    return paths
+
+
+def val_metric(trial) -> str:
+    return "ap" if trial.get("params.dataset.kind") == "coco" else "map"
+
+
+def val_curves(client, trials):
+    return [(f"{trial.get('name') or trial['run_id'][:8]} ({val_metric(trial)})",
+             figures.history(client, trial["run_id"], f"val/{val_metric(trial)}") * 100.0)
+            for _, trial in trials.iterrows()]
+
+
+# ---- the new stage, as alwa_sweep/commands/report.py runs it ----
+
+def new_stage(client, uri, trials, table, out_dir: Path, jobs: int) -> list[Path]:
+    paths = figures.all_trial_figures(client, trials, out_dir, jobs=jobs, tracking_uri=uri)
+    paths += figures.table1_heatmap(table, out_dir)
+    paths += figures.metric_per_epoch(client, trials, out_dir)
+    return paths
+
+
+def _draw_only(histories, trial, out_dir):
+    return figures.save_trial_figures(histories, trial, out_dir)
+
+
+def parent_reads_stage(client, trials, table, out_dir: Path, jobs: int) -> list[Path]:
+    """The alternative: histories read here (serially), the pool only draws."""
+    rows = [trial for _, trial in trials.iterrows()]
+    with ProcessPoolExecutor(jobs, mp_context=figures._pool_context()) as pool:
+        futures = [pool.submit(_draw_only, figures.trial_histories(client, trial), trial, out_dir) for trial in rows]
+        paths = [path for future in futures for path in future.result()]
+    paths += figures.table1_heatmap(table, out_dir)
+    paths += figures.metric_per_epoch(client, trials, out_dir)
+    return paths
+
+
+def reads(client, trials) -> None:
+    for _, trial in trials.iterrows():
+        figures.trial_histories(client, trial)
+        figures.history(client, trial["run_id"], f"val/{val_metric(trial)}")
+
+
+def _noop() -> int:
+    return os.getpid()
+
+
+def forkserver_start_s() -> float:
+    """The one-off cost of the first pool of a process: the forkserver imports the figures'
+    modules (reports.figures, reports.runs: matplotlib, pandas, MLflow) once."""
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(1, mp_context=figures._pool_context()) as pool:
+        pool.submit(_noop).result()
+    return time.perf_counter() - t0
+
+
+# ---- the store ----
+
+def fixed_weight_rows(original):
+    """Table 1's trials: fixed weights, so no α and no window statistics."""
+    def rows(*args, **kwargs):
+        for row in original(*args, **kwargs):
+            yield {k: (1.0 if k == "weight/cls" else v) for k, v in row.items()
+                   if not (k.startswith("window/") or k == METRIC_ALPHA)}
+    return rows
+
+
+def fill_store(folder: Path, kind: str, n: int, length_scale: float):
+    uri = sqlite_uri(folder / f"{kind}.db")
+    client = open_store(uri)
+    experiment_id = get_or_create_experiment(client, f"bench-figures-{kind}")
+    parent = client.create_run(experiment_id, run_name="table1", tags={TAG_KIND: KIND_SWEEP}).info.run_id
+    original = records.synthetic_rows
+    if kind == "table1":
+        records.synthetic_rows = fixed_weight_rows(original)
+    try:
+        t0 = time.perf_counter()
+        for i, trial in enumerate(records.table1_trials()[:n]):
+            records.write_trial(client, experiment_id, parent, trial, 50, seed=i, length_scale=length_scale)
+        print(f"  [{kind}] {n} trials written in {time.perf_counter() - t0:.0f} s", flush=True)
+    finally:
+        records.synthetic_rows = original
+    trials = runs.load_trials(client, sweep_run_id=parent)
+    order = {name: i for i, name in enumerate(t.name for t in records.table1_trials())}
+    trials = trials.sort_values("name", key=lambda names: names.map(order)).reset_index(drop=True)
+    return uri, client, trials
+
+
+# ---- checks ----
+
+def png_pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGBA"))
+
+
+def same_output(reference: list[Path], other: list[Path]) -> str | None:
+    """None when both wrote the same file names and every PNG decodes to the same pixels."""
+    names = sorted(p.name for p in reference)
+    if names != sorted(p.name for p in other):
+        return f"file sets differ: {len(names)} vs {len(other)}"
+    by_name = {p.name: p for p in other}
+    for path in reference:
+        if path.stat().st_size == 0 or by_name[path.name].stat().st_size == 0:
+            return f"{path.name} is empty"
+        if path.suffix == ".png" and not np.array_equal(png_pixels(path), png_pixels(by_name[path.name])):
+            return f"{path.name}: pixels differ"
+    return None
+
+
+def fit(xs, ys):
+    return records.fit(xs, ys)
+
+
+def timed(function, *args):
+    t0 = time.perf_counter()
+    result = function(*args)
+    return time.perf_counter() - t0, result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="3,6,12,24", help="trial counts N (default 3,6,12,24)")
+    parser.add_argument("--kinds", default="alwa,table1", help="alwa and/or table1")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="pool size of the new stage (default: as report, the CPUs capped at "
+                             f"{figures.AUTO_JOBS_CAP})")
+    parser.add_argument("--length-scale", type=float, default=1.0, help="fraction of the paper's trial length")
+    parser.add_argument("--quick", action="store_true", help="N = 3,6; alwa only; trials at 1/4 length")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.kinds, args.length_scale = "3,6", "alwa", 0.25
+    sizes = sorted({int(s) for s in args.sizes.split(",")})
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    jobs = args.jobs or min(figures.available_cpus(), figures.AUTO_JOBS_CAP)
+    print(f"figure stage: sizes {sizes}, kinds {kinds}, length ×{args.length_scale}, {jobs} jobs, "
+          f"load average {os.getloadavg()[0]:.1f} on {figures.available_cpus()} CPUs", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="alwa-bench-figures-",
+                                 dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
+    start_s = forkserver_start_s()
+    print(f"forkserver start (one-off per report, added to the pool variants): {start_s:.2f} s", flush=True)
+    verdicts, summary = [], []
+    try:
+        for kind in kinds:
+            uri, client, all_trials = fill_store(work, kind, sizes[-1], args.length_scale)
+            results = []
+            for n in sizes:
+                trials = all_trials.head(n)
+                table = tables.table1(trials)
+                out = work / f"{kind}_{n}"
+                r = {"N": n}
+                r["reads_s"], _ = timed(reads, client, trials)
+                r["old_s"], old_paths = timed(old_stage, client, trials, table, out / "old")
+                r["new1_s"], new1_paths = timed(new_stage, client, uri, trials, table, out / "new1", 1)
+                r["jobs"] = default_jobs = args.jobs or figures.auto_jobs(n)
+                if default_jobs > 1:
+                    pool_s, pool_paths = timed(new_stage, client, uri, trials, table, out / "newJ", default_jobs)
+                    r["newJ_s"] = pool_s + start_s
+                else:  # what report does with this many trials: no pool
+                    r["newJ_s"], pool_paths = r["new1_s"], new1_paths
+                parent_s, parent_paths = timed(parent_reads_stage, client, trials, table, out / "parent", jobs)
+                r["parentJ_s"] = parent_s + start_s
+                r["files"] = len(old_paths)
+                problems = [p for p in (same_output(old_paths, new1_paths), same_output(old_paths, pool_paths),
+                                        same_output(old_paths, parent_paths)) if p]
+                r["identical"] = not problems
+                results.append(r)
+                print(f"  [{kind}] N={n:3d}: {r['files']} files; reads {r['reads_s']:.2f} s; old {r['old_s']:.2f} s; "
+                      f"new 1 job {r['new1_s']:.2f} s; new, default {r['jobs']} jobs {r['newJ_s']:.2f} s; "
+                      f"{jobs} jobs with the reads in the parent {r['parentJ_s']:.2f} s; "
+                      f"old/new {r['old_s'] / r['newJ_s']:.2f}×; "
+                      f"PNG pixels {'identical' if not problems else 'DIFFER: ' + '; '.join(problems)}", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+            print(f"\n  [{kind}] per trial (s), how it grows with N:")
+            print("    " + f"{'N':>30s}" + "".join(f"{r['N']:>9d}" for r in results))
+            print("    " + f"{'default jobs':>30s}" + "".join(f"{r['jobs']:>9d}" for r in results))
+            for key, label in (("reads_s", "reads"), ("old_s", "old"), ("new1_s", "new, 1 job"),
+                               ("newJ_s", "new, default jobs"), ("parentJ_s", f"new, {jobs} jobs, parent reads")):
+                print(f"    {label:>30s}" + "".join(f"{r[key] / r['N']:9.3f}" for r in results))
+            xs = [r["N"] for r in results]
+            print(f"  [{kind}] EXTRAPOLATED (linear fit in N over {xs}) to Table 1 at full length, N = {TABLE1_N}:")
+            ext = {}
+            jobs_120 = args.jobs or figures.auto_jobs(TABLE1_N)
+            for key, label in (("reads_s", "reads"), ("old_s", "old stage"), ("new1_s", "new stage, 1 job"),
+                               ("newJ_s", f"new stage, default jobs ({jobs_120})"),
+                               ("parentJ_s", f"new, {jobs} jobs, parent reads")):
+                points = [r for r in results if key != "newJ_s" or r["jobs"] == jobs_120]
+                if len(points) < 2:
+                    print(f"    {label:44s}     (fewer than 2 sizes ran {jobs_120} jobs: not extrapolated)")
+                    ext[key] = float("nan")
+                    continue
+                a, b = fit([r["N"] for r in points], [r[key] for r in points])
+                ext[key] = max(a + b * TABLE1_N, max(r[key] for r in points))
+                if args.length_scale != 1.0:
+                    label += f" (trials at {args.length_scale:g} length)"
+                print(f"    {label:44s} {ext[key]:8.1f} s   (N = {[r['N'] for r in points]})")
+            ratios = [r["old_s"] / r["newJ_s"] for r in results]
+            faster = all(q > 1.0 for q in ratios)
+            identical = all(r["identical"] for r in results)
+            verdicts += [faster, identical]
+            print("    old / new (default jobs): " + ", ".join(f"N={r['N']} {q:.2f}×" for r, q in zip(results, ratios))
+                  + f"; median {statistics.median(ratios):.2f}×  {'ok' if faster else 'NOT FASTER'}")
+            print(f"    new (default jobs) at N = {TABLE1_N}: {ext['newJ_s']:.1f} s against the {GOAL_S:g} s goal: "
+                  f"{'met' if ext['newJ_s'] <= GOAL_S else 'not met on this machine'}")
+            summary.append((kind, ext))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    passed = bool(verdicts) and all(verdicts)
+    print("PASS" if passed else "FAIL")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
