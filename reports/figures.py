@@ -13,9 +13,9 @@ or figure registry is touched.
 Saving: the constrained layout and the tight bounding box are computed once per figure
 (on Agg, at the saving dpi) and both files reuse them, instead of ``savefig(...,
 bbox_inches="tight")`` laying the figure out again for each format; the PNG is pixel for
-pixel what that call writes. ``all_trial_figures`` renders the trials in a process pool
-(``jobs``), each worker reading its trials' histories through its own client
-(``benchmarks/bench_figures.py`` measures both).
+pixel what that call writes. ``all_trial_figures`` draws the trials in ``jobs`` processes
+(this one and a pool), each reading its trials' histories through its own client
+(``benchmarks/bench_figures.py`` measures both, and the reads in this process instead).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import math
 import multiprocessing
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import threading
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -197,8 +198,8 @@ def available_cpus() -> int:
 
 
 def auto_jobs(n_trials: int) -> int:
-    """The default worker count: the CPUs (at most ``AUTO_JOBS_CAP``), and no more than one
-    worker per ``TRIALS_PER_WORKER`` trials; 1 (no pool) for a handful of trials."""
+    """The default number of drawing processes: the CPUs (at most ``AUTO_JOBS_CAP``), and no
+    more than one per ``TRIALS_PER_WORKER`` trials; 1 (no pool) for a handful of trials."""
     return max(1, min(available_cpus(), AUTO_JOBS_CAP, n_trials // TRIALS_PER_WORKER))
 
 
@@ -236,32 +237,46 @@ def all_trial_figures(client, trials: pd.DataFrame, out_dir: Path, *, jobs: int 
                       tracking_uri: str | None = None, on_done=None) -> list[Path]:
     """``trial_figures`` of every trial, in the trials' order.
 
-    ``jobs`` > 1 (and more than one trial): a pool of that many processes (at most one per
-    trial), each opening its own client on ``tracking_uri`` and reading the histories of
-    the trials it draws; otherwise one after the other through ``client``. ``on_done()`` is
-    called after each trial (a progress bar)."""
+    ``jobs`` processes draw: with ``jobs`` > 1 (and more than one trial), ``jobs - 1``
+    workers of a process pool, each opening its own client on ``tracking_uri`` and reading
+    the histories of the trials it draws, take the trials from the front while this
+    process, through ``client``, takes those no worker has started from the back (so it
+    draws while the pool starts, and the pool's start costs at most that wait). ``jobs`` =
+    1: one after the other here. ``on_done()`` is called after each trial (a progress bar)."""
     rows = [trial for _, trial in trials.iterrows()]
     jobs = min(jobs, len(rows))
-    if jobs <= 1:
-        paths = []
-        for trial in rows:
-            paths += trial_figures(client, trial, out_dir)
-            if on_done is not None:
-                on_done()
-        return paths
-    if tracking_uri is None:
-        raise ValueError("all_trial_figures: jobs > 1 needs the tracking_uri the workers open")
     out_dir = Path(out_dir)
     done: list[list[Path] | None] = [None] * len(rows)
+    lock = threading.Lock()  # on_done is also called from the pool's thread
+
+    def tick(future=None) -> None:
+        if on_done is not None and (future is None or not (future.cancelled() or future.exception())):
+            with lock:
+                on_done()
+
+    def draw_here(i: int) -> None:
+        done[i] = trial_figures(client, rows[i], out_dir)
+        tick()
+
+    if jobs <= 1:
+        for i in range(len(rows)):
+            draw_here(i)
+        return [path for paths in done for path in paths]
+    if tracking_uri is None:
+        raise ValueError("all_trial_figures: jobs > 1 needs the tracking_uri the workers open")
     mlflow_env = {name: value for name, value in os.environ.items() if name.startswith("MLFLOW_")}
-    with ProcessPoolExecutor(jobs, mp_context=_pool_context(), initializer=_start_worker,
+    with ProcessPoolExecutor(jobs - 1, mp_context=_pool_context(), initializer=_start_worker,
                              initargs=(tracking_uri, os.getcwd(), mlflow_env)) as pool:
-        pending = {pool.submit(_worker_trial_figures, trial, out_dir): i for i, trial in enumerate(rows)}
+        futures = [pool.submit(_worker_trial_figures, trial, out_dir) for trial in rows]
+        for future in futures:
+            future.add_done_callback(tick)
         try:
-            for future in as_completed(pending):
-                done[pending[future]] = [out_dir / name for name in future.result()]
-                if on_done is not None:
-                    on_done()
+            for i in reversed(range(len(rows))):
+                if futures[i].cancel():  # no worker has it yet: draw it here
+                    draw_here(i)
+            for i, future in enumerate(futures):
+                if done[i] is None:
+                    done[i] = [out_dir / name for name in future.result()]
         except BaseException:  # a worker's error, Ctrl-C, SIGTERM: drop the trials not started
             pool.shutdown(wait=False, cancel_futures=True)
             raise

@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
                              "`alwa-sweep run` writes by default: sqlite:///./alwa_runs/mlflow.db)")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
     parser.add_argument("--jobs", type=int_in(1, MAX_JOBS, example=4), metavar="N",
-                        help="processes drawing the trials' figures (1..%d; default: the CPUs, at "
+                        help="processes drawing the trials' figures, this one included (1..%d; default: the CPUs, at "
                              "most %d, and one per %d trials)" % (MAX_JOBS, AUTO_JOBS_CAP, TRIALS_PER_WORKER))
     parser.add_argument("--compact", action="store_true",
                         help="drop rows and columns without any measured cell (small sweeps)")
