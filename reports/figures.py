@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import re
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -169,8 +169,9 @@ def _safe(text: str) -> str:
 
 
 def trial_stem(trial: pd.Series) -> str:
-    """The file-name stem of a trial's figures: ``trial_<name>_<run id[:8]>``."""
-    return f"trial_{_safe(str(trial.get('name') or ''))}_{trial['run_id'][:8]}"
+    """The file-name stem of a trial's figures: ``trial_<name>_<run id[:8]>``, the name cut to
+    200 characters (run names may have 250: a file name has at most 255 bytes)."""
+    return f"trial_{_safe(str(trial.get('name') or ''))[:200]}_{trial['run_id'][:8]}"
 
 
 def trial_figures(client, trial: pd.Series, out_dir: Path) -> list[Path]:
@@ -223,6 +224,10 @@ def _worker_trial_figures(trial: pd.Series, out_dir: Path) -> list[str]:
     return [path.name for path in trial_figures(_worker_client, trial, out_dir)]
 
 
+def _worker_ready() -> int:
+    return os.getpid()
+
+
 def _pool_context():
     """forkserver (a clean single-threaded process forks the workers: no inherited MLflow
     store, SQLite connection or thread), spawn where there is none."""
@@ -237,49 +242,79 @@ def all_trial_figures(client, trials: pd.DataFrame, out_dir: Path, *, jobs: int 
                       tracking_uri: str | None = None, on_done=None) -> list[Path]:
     """``trial_figures`` of every trial, in the trials' order.
 
-    ``jobs`` processes draw: with ``jobs`` > 1 (and more than one trial), ``jobs - 1``
-    workers of a process pool, each opening its own client on ``tracking_uri`` and reading
-    the histories of the trials it draws, take the trials from the front while this
-    process, through ``client``, takes those no worker has started from the back (so it
-    draws while the pool starts, and the pool's start costs at most that wait). ``jobs`` =
-    1: one after the other here. ``on_done()`` is called after each trial (a progress bar)."""
+    ``jobs`` processes draw. ``jobs`` = 1: one trial after the other, here. ``jobs`` > 1:
+    this process takes the trials from the back, through ``client``, while ``jobs - 1``
+    workers of a process pool take them from the front, each with its own client on
+    ``tracking_uri`` reading the histories of the trials it draws. A worker is handed a
+    trial only once it has answered (started) and is free, so while the pool starts this
+    process draws on, and no trial waits on a worker that is not there yet.
+    ``on_done()`` is called after each trial (a progress bar)."""
     rows = [trial for _, trial in trials.iterrows()]
     jobs = min(jobs, len(rows))
     out_dir = Path(out_dir)
     done: list[list[Path] | None] = [None] * len(rows)
-    lock = threading.Lock()  # on_done is also called from the pool's thread
+    lock = threading.Lock()  # the claims on trials, and on_done (the pool's results come in on a thread)
+    bounds = [0, len(rows)]  # the trials not yet claimed: rows[bounds[0]:bounds[1]]
 
-    def tick(future=None) -> None:
-        if on_done is not None and (future is None or not (future.cancelled() or future.exception())):
+    def claim(front: bool) -> int | None:
+        with lock:
+            if bounds[0] >= bounds[1]:
+                return None
+            if front:
+                bounds[0] += 1
+                return bounds[0] - 1
+            bounds[1] -= 1
+            return bounds[1]
+
+    def tick() -> None:
+        if on_done is not None:
             with lock:
                 on_done()
 
-    def draw_here(i: int) -> None:
-        done[i] = trial_figures(client, rows[i], out_dir)
-        tick()
+    def draw_here() -> None:
+        while (i := claim(front=False)) is not None and not failed:
+            done[i] = trial_figures(client, rows[i], out_dir)
+            tick()
 
+    failed: list[BaseException] = []
     if jobs <= 1:
-        for i in range(len(rows)):
-            draw_here(i)
+        draw_here()
         return [path for paths in done for path in paths]
     if tracking_uri is None:
         raise ValueError("all_trial_figures: jobs > 1 needs the tracking_uri the workers open")
     mlflow_env = {name: value for name, value in os.environ.items() if name.startswith("MLFLOW_")}
     with ProcessPoolExecutor(jobs - 1, mp_context=_pool_context(), initializer=_start_worker,
                              initargs=(tracking_uri, os.getcwd(), mlflow_env)) as pool:
-        futures = [pool.submit(_worker_trial_figures, trial, out_dir) for trial in rows]
-        for future in futures:
-            future.add_done_callback(tick)
+        def feed() -> None:
+            """Hand a trial to each worker that answers or finishes one, until none is left."""
+            try:
+                in_flight = {pool.submit(_worker_ready): None for _ in range(jobs - 1)}
+                while in_flight and not failed:
+                    finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        i = in_flight.pop(future)
+                        names = future.result()
+                        if i is not None:
+                            done[i] = [out_dir / name for name in names]
+                            tick()
+                        j = claim(front=True)
+                        if j is not None and not failed:
+                            in_flight[pool.submit(_worker_trial_figures, rows[j], out_dir)] = j
+            except BaseException as error:  # a worker's error (or a pool shut down by one here)
+                failed.append(error)
+
+        feeder = threading.Thread(target=feed, name="trial-figures-pool", daemon=True)
+        feeder.start()
         try:
-            for i in reversed(range(len(rows))):
-                if futures[i].cancel():  # no worker has it yet: draw it here
-                    draw_here(i)
-            for i, future in enumerate(futures):
-                if done[i] is None:
-                    done[i] = [out_dir / name for name in future.result()]
-        except BaseException:  # a worker's error, Ctrl-C, SIGTERM: drop the trials not started
+            draw_here()
+        except BaseException as error:  # this process's error, Ctrl-C, SIGTERM: stop handing out trials
+            failed.append(error)
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+        finally:
+            feeder.join()
+        if failed:
+            raise failed[0]
     return [path for paths in done for path in paths]
 
 

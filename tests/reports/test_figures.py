@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -298,6 +299,30 @@ def test_pool_workers_draw_what_this_process_draws(store, tmp_path):
     for path in here:
         if path.suffix == ".png":
             assert np.array_equal(pixels(path), pixels(tmp_path / "workers" / path.name)), path.name
+
+
+def test_an_error_in_either_process_ends_the_stage(store, tmp_path):
+    """A trial whose file cannot be written (a folder in its place) fails the stage with
+    that error, first or last in the list (drawn by a worker or by this process)."""
+    trials = store["trials"]
+    stem = f"trial_alwa1_{trials.loc['alwa1', 'run_id'][:8]}"
+    others = [name for name in trials.index if name != "alwa1"]
+    for order in (["alwa1", *others], [*others, "alwa1"]):
+        out = tmp_path / order[0]
+        (out / f"{stem}_window.png").mkdir(parents=True)
+        with pytest.raises(IsADirectoryError):
+            figures.all_trial_figures(store["client"], trials.loc[order].reset_index(drop=True), out, jobs=2,
+                                      tracking_uri=store["uri"])
+
+
+def test_a_long_trial_name_still_makes_valid_file_names(store, tmp_path):
+    """Run names may have 250 characters (spec.MAX_NAME_LENGTH); the file names stay
+    under the usual 255-byte limit, the run id keeps them apart."""
+    trial = store["trials"].loc["alwa1"].copy()
+    trial["name"] = "w" * 250
+    made = figures.trial_figures(store["client"], trial, tmp_path)
+    assert len(made) == 6 and all(len(p.name) <= 255 and p.stat().st_size > 1000 for p in made)
+    assert all(p.name.startswith("trial_www") and trial["run_id"][:8] in p.name for p in made)
 
 
 def test_parallel_needs_the_tracking_uri(store, tmp_path):
