@@ -7,32 +7,33 @@ curve, window statistics and α every 100 iterations: 519 / 1,774 points), then 
 figure stage of ``alwa-sweep report`` (every trial's figures, Table 1's heatmap, the metric
 per epoch) on the first N = 3, 6, 12, 24 trials:
 
-  * reads: the histories the figures read (``figures.trial_histories`` + each val history),
-    serial, as bench_records_scale.py times them,
+  * reads only: the histories the figures read (``figures.trial_histories`` + each val
+    history), serially, as bench_records_scale.py times them,
   * old: the code before this benchmark (each trial in turn; every file its own
     ``savefig(bbox_inches="tight")``, i.e. its own constrained layout and tight box),
-  * new, 1 job: ``figures.all_trial_figures(jobs=1)`` (one layout per figure, both files),
-  * new, default jobs: as report runs it (``figures.auto_jobs(N)``; above 1, a process pool,
-    each worker reading its trials' histories),
-  * new, J jobs (the CPUs, at most 8), reads in the parent: the parent reads, the pool only draws (the
-    alternative, measured to choose between them).
+  * new, 1 process: ``figures.all_trial_figures(jobs=1)`` (one layout per figure, both files),
+  * new, J processes (``--jobs``; default the CPUs, at most 8, what report uses for 120
+    trials): this process and J - 1 pool workers, each reading its trials' histories,
+  * at the largest N, J workers with the reads in the parent instead (the alternative,
+    measured to choose between them).
+"Report's default" is the variant report picks for N trials (``figures.auto_jobs``: the
+CPUs, at most 8, one per 4 trials, so 1 process below 8 trials). Each pool variant starts
+a fresh forkserver, so it pays the start every ``alwa-sweep report`` pays (importing
+matplotlib, pandas and MLflow once; printed first). Each size runs ``--rounds`` rounds in
+rotated order and keeps each variant's fastest. Two kinds of trials: ``alwa`` (every
+trial logs α and the window statistics, as bench_records_scale writes them: 3 figures, 6
+files per trial) and ``table1`` (Table 1's fixed-weight trials: no α or window
+statistics, the losses figure only). Every variant must write the same files as old, the
+PNGs decoded pixel-identical. Times are extrapolated linearly in N to Table 1 (N = 120,
+80 VOC + 40 COCO), and said so. First, on histories already read, what else would save
+CPU per trial: a quarter of the points, PNG / PDF zlib level 1, PDF fonttype 42.
 
-A pool's time includes its workers' start; the forkserver's one-off start (it imports
-matplotlib, pandas and MLflow once per report) is measured separately and added. Two kinds
-of trials: ``alwa`` (every trial logs α and the window statistics, as bench_records_scale
-writes them: 3 figures, 6 files per trial) and ``table1`` (Table 1's fixed-weight trials: no
-α or window statistics, the losses figure only). Every variant must write the same files,
-the PNGs decoded pixel-identical to old's. Times are extrapolated linearly in N to Table 1
-(N = 120, 80 VOC + 40 COCO), and said so.
+Claim: report's default is faster than old (median over the sizes, and at the largest),
+with the same files and PNG pixels. Also printed: the extrapolated N = 120 against a 30 s
+goal (out of reach on 2 shared CPUs: benchmarks/README.md).
 
-Claim: the new figure stage with report's default jobs (``figures.auto_jobs``: the CPUs,
-at most 8, one per 4 trials; 1 job below 8 trials) is faster than old at every N, with
-identical PNG pixels; the script also prints the extrapolated N = 120 against a 30 s goal
-(on a 2-core machine shared with other processes that goal is out of reach for ALWA trials:
-see benchmarks/README.md).
-
-    python benchmarks/bench_figures.py                  # N = 3,6,12,24; both kinds (~10 min)
-    python benchmarks/bench_figures.py --quick          # N = 3,6; alwa; trials at 1/4 length
+    python benchmarks/bench_figures.py                  # N = 3,6,12,24; both kinds (~13 min)
+    python benchmarks/bench_figures.py --quick          # N = 3,6; alwa; trials at 1/4 length; 1 round
 """
 
 from __future__ import annotations
