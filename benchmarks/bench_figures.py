@@ -359,7 +359,7 @@ def main(argv=None) -> int:
             faster = statistics.median(ratios) > 1.0 and ratios[-1] > 1.0
             identical = all(r["identical"] for r in results)
             verdicts += [faster, identical]
-            print(f"    old / report's default: " + ", ".join(f"N={r['N']} {q:.2f}×" for r, q in zip(results, ratios))
+            print("    old / report's default: " + ", ".join(f"N={r['N']} {q:.2f}×" for r, q in zip(results, ratios))
                   + f"; median {statistics.median(ratios):.2f}×  {'ok' if faster else 'NOT FASTER'}")
             print(f"    old / new at N = {TABLE1_N} ({default_120} processes): {ext['old'] / ext['default']:.2f}×; "
                   f"new {ext['default']:.1f} s against the {GOAL_S:g} s goal: "

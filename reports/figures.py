@@ -56,7 +56,8 @@ def save(figure: Figure, out_dir: Path, stem: str) -> list[Path]:
     is measured on it, then the layout is frozen and each format only draws. The PNG
     equals ``savefig(path, dpi=DPI, bbox_inches="tight")`` pixel for pixel; the PDF has
     the same layout and box (measured with Agg's text extents rather than the PDF
-    renderer's, which differ by a fraction of a point)."""
+    renderer's, which differ by a fraction of a point). The figure is left at ``DPI`` with
+    its layout frozen."""
     FigureCanvasAgg(figure)
     out_dir.mkdir(parents=True, exist_ok=True)
     figure.set_dpi(DPI)
