@@ -9,16 +9,28 @@ Each ``*_figure`` function only draws (and returns None when it has nothing to d
 the functions that take a client read the histories and save. Figures are built on
 ``matplotlib.figure.Figure`` with the Agg canvas, never pyplot, so no global backend
 or figure registry is touched.
+
+Saving: the constrained layout and the tight bounding box are computed once per figure
+(on Agg, at the saving dpi) and both files reuse them, instead of ``savefig(...,
+bbox_inches="tight")`` laying the figure out again for each format; the PNG is pixel for
+pixel what that call writes. ``all_trial_figures`` draws the trials in ``jobs`` processes
+(this one and a pool), each reading its trials' histories through its own client
+(``benchmarks/bench_figures.py`` measures both, and the reads in this process instead).
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import re
+import threading
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import rcParams
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
@@ -28,18 +40,35 @@ from reports import schema as S
 from reports.tables import Table, format_number
 
 FORMATS = ("png", "pdf")
+DPI = 120
+MAX_JOBS = 64  # --jobs accepts 1..MAX_JOBS
+AUTO_JOBS_CAP = 8  # the default: the CPUs, at most this many ...
+TRIALS_PER_WORKER = 4  # ... and one worker per this many trials (a worker's start ≈ a few trials' figures)
 _MAX_LEGEND = 12
 WINDOW_KEYS = ("cls_mean", "reg_mean", "cls_std", "reg_std")
 _UPDATE_KEY = S.metric_window("cls_mean")  # logged once per ALWA update
 
 
 def save(figure: Figure, out_dir: Path, stem: str) -> list[Path]:
+    """``stem.png`` and ``stem.pdf``, cropped to the figure's tight bounding box.
+
+    One layout for both: the constrained layout runs once (Agg, at ``DPI``), the tight box
+    is measured on it, then the layout is frozen and each format only draws. The PNG
+    equals ``savefig(path, dpi=DPI, bbox_inches="tight")`` pixel for pixel; the PDF has
+    the same layout and box (measured with Agg's text extents rather than the PDF
+    renderer's, which differ by a fraction of a point). The figure is left at ``DPI`` with
+    its layout frozen."""
     FigureCanvasAgg(figure)
     out_dir.mkdir(parents=True, exist_ok=True)
+    figure.set_dpi(DPI)
+    figure.draw_without_rendering()
+    pad = rcParams["savefig.pad_inches"]
+    bbox = figure.get_tightbbox().padded(0.1 if pad in (None, "layout") else float(pad))
+    figure.set_layout_engine("none")
     paths = []
     for fmt in FORMATS:
         path = out_dir / f"{stem}.{fmt}"
-        figure.savefig(path, dpi=120, bbox_inches="tight")
+        figure.savefig(path, dpi=DPI, bbox_inches=bbox)
         paths.append(path)
     return paths
 
@@ -140,17 +169,154 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
 
 
+def trial_stem(trial: pd.Series) -> str:
+    """The file-name stem of a trial's figures: ``trial_<name>_<run id[:8]>``, the name cut to
+    200 characters (run names may have 250: a file name has at most 255 bytes)."""
+    return f"trial_{_safe(str(trial.get('name') or ''))[:200]}_{trial['run_id'][:8]}"
+
+
 def trial_figures(client, trial: pd.Series, out_dir: Path) -> list[Path]:
     """The per-trial figures of one row of ``reports.runs.load_trials``; those without data are skipped."""
-    run_id = trial["run_id"]
-    stem = f"trial_{_safe(str(trial.get('name') or ''))}_{run_id[:8]}"
-    histories = trial_histories(client, trial)
+    return save_trial_figures(trial_histories(client, trial), trial, out_dir)
+
+
+def save_trial_figures(histories: dict, trial: pd.Series, out_dir: Path) -> list[Path]:
+    """The per-trial figures drawn from histories already read (``trial_histories``)."""
+    stem = trial_stem(trial)
     paths = []
-    for kind, figure in (("losses", losses_figure(histories, weighted_head(trial))),
-                         ("window", window_figure(histories)), ("alpha", alpha_figure(histories))):
+    for kind, draw in (("losses", lambda: losses_figure(histories, weighted_head(trial))),
+                       ("window", lambda: window_figure(histories)), ("alpha", lambda: alpha_figure(histories))):
+        figure = draw()  # one figure alive at a time
         if figure is not None:
             paths += save(figure, out_dir, f"{stem}_{kind}")
     return paths
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def auto_jobs(n_trials: int) -> int:
+    """The default number of drawing processes: the CPUs (at most ``AUTO_JOBS_CAP``), and no
+    more than one per ``TRIALS_PER_WORKER`` trials; 1 (no pool) for a handful of trials."""
+    return max(1, min(available_cpus(), AUTO_JOBS_CAP, n_trials // TRIALS_PER_WORKER))
+
+
+_worker_client = None
+
+
+def _start_worker(tracking_uri: str, cwd: str, mlflow_env: dict) -> None:
+    """A worker's client. The forkserver may have started in another folder or before
+    the caller's environment changed: the caller's folder (a relative ``sqlite:///./…``)
+    and its ``MLFLOW_*`` variables (credentials, timeouts) come along."""
+    global _worker_client
+    os.chdir(cwd)
+    for name in [name for name in os.environ if name.startswith("MLFLOW_")]:
+        del os.environ[name]
+    os.environ.update(mlflow_env)
+    from reports import runs
+    _worker_client = runs.open_client(tracking_uri)
+
+
+def _worker_trial_figures(trial: pd.Series, out_dir: Path) -> list[str]:
+    return [path.name for path in trial_figures(_worker_client, trial, out_dir)]
+
+
+def _worker_ready() -> int:
+    return os.getpid()
+
+
+def _pool_context():
+    """forkserver (a clean single-threaded process forks the workers: no inherited MLflow
+    store, SQLite connection or thread), spawn where there is none."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["reports.figures", "reports.runs"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def all_trial_figures(client, trials: pd.DataFrame, out_dir: Path, *, jobs: int = 1,
+                      tracking_uri: str | None = None, on_done=None) -> list[Path]:
+    """``trial_figures`` of every trial, in the trials' order.
+
+    ``jobs`` processes draw. ``jobs`` = 1: one trial after the other, here. ``jobs`` > 1:
+    this process takes the trials from the back, through ``client``, while ``jobs - 1``
+    workers of a process pool take them from the front, each with its own client on
+    ``tracking_uri`` reading the histories of the trials it draws. A worker is handed a
+    trial only once it has answered (started) and is free, so while the pool starts this
+    process draws on, and no trial waits on a worker that is not there yet.
+    ``on_done()`` is called after each trial (a progress bar)."""
+    rows = [trial for _, trial in trials.iterrows()]
+    jobs = min(jobs, len(rows))
+    out_dir = Path(out_dir)
+    done: list[list[Path] | None] = [None] * len(rows)
+    lock = threading.Lock()  # the claims on trials, and on_done (the pool's results come in on a thread)
+    bounds = [0, len(rows)]  # the trials not yet claimed: rows[bounds[0]:bounds[1]]
+
+    def claim(front: bool) -> int | None:
+        with lock:
+            if bounds[0] >= bounds[1]:
+                return None
+            if front:
+                bounds[0] += 1
+                return bounds[0] - 1
+            bounds[1] -= 1
+            return bounds[1]
+
+    def tick() -> None:
+        if on_done is not None:
+            with lock:
+                on_done()
+
+    def draw_here() -> None:
+        while (i := claim(front=False)) is not None and not failed:
+            done[i] = trial_figures(client, rows[i], out_dir)
+            tick()
+
+    failed: list[BaseException] = []
+    if jobs <= 1:
+        draw_here()
+        return [path for paths in done for path in paths]
+    if tracking_uri is None:
+        raise ValueError("all_trial_figures: jobs > 1 needs the tracking_uri the workers open")
+    mlflow_env = {name: value for name, value in os.environ.items() if name.startswith("MLFLOW_")}
+    with ProcessPoolExecutor(jobs - 1, mp_context=_pool_context(), initializer=_start_worker,
+                             initargs=(tracking_uri, os.getcwd(), mlflow_env)) as pool:
+        def feed() -> None:
+            """Hand a trial to each worker that answers or finishes one, until none is left."""
+            try:
+                in_flight = {pool.submit(_worker_ready): None for _ in range(jobs - 1)}
+                while in_flight and not failed:
+                    finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        i = in_flight.pop(future)
+                        names = future.result()
+                        if i is not None:
+                            done[i] = [out_dir / name for name in names]
+                            tick()
+                        j = claim(front=True)
+                        if j is not None and not failed:
+                            in_flight[pool.submit(_worker_trial_figures, rows[j], out_dir)] = j
+            except BaseException as error:  # a worker's error (or a pool shut down by one here)
+                failed.append(error)
+
+        feeder = threading.Thread(target=feed, name="trial-figures-pool", daemon=True)
+        feeder.start()
+        try:
+            draw_here()
+        except BaseException as error:  # this process's error, Ctrl-C, SIGTERM: stop handing out trials
+            failed.append(error)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            feeder.join()
+        if failed:
+            raise failed[0]
+    return [path for paths in done for path in paths]
 
 
 def heatmap_grids(table: Table) -> dict:

@@ -6,8 +6,12 @@ import re
 import sys
 from pathlib import Path
 
+from alwa_sweep.commands.argcheck import int_in
 from trainers.errors import ConfigError
 
+# reports.figures' values, repeated so that --help does not import matplotlib
+# (tests/reports/test_figures_parallel.py checks they agree).
+MAX_JOBS, AUTO_JOBS_CAP, TRIALS_PER_WORKER = 64, 8, 4
 
 
 def add_arguments(parser) -> None:
@@ -29,6 +33,9 @@ def add_arguments(parser) -> None:
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the store "
                              "`alwa-sweep run` writes by default: sqlite:///./alwa_runs/mlflow.db)")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+    parser.add_argument("--jobs", type=int_in(1, MAX_JOBS, example=4), metavar="N",
+                        help="processes drawing the trials' figures, this one included (1..%d; default: the CPUs, at "
+                             "most %d, and one per %d trials)" % (MAX_JOBS, AUTO_JOBS_CAP, TRIALS_PER_WORKER))
     parser.add_argument("--compact", action="store_true",
                         help="drop rows and columns without any measured cell (small sweeps)")
     parser.add_argument("--width", choices=("text", "full"), default="text",
@@ -44,7 +51,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     # Callers that build the Namespace themselves (``alwa-sweep demo``) may predate these.
-    for option, default in (("width", "text"), ("ci", False), ("resamples", 1000)):
+    for option, default in (("width", "text"), ("ci", False), ("resamples", 1000), ("jobs", None)):
         if not hasattr(args, option):
             setattr(args, option, default)
     # Heavy imports here: the CLI imports every command module to build --help.
@@ -59,6 +66,10 @@ def run(args) -> int:
                           "Give the part after val/, e.g. map, ap or ap50.")
     uri = args.tracking_uri or default_tracking_uri()
     check_tracking_server(uri)
+    if args.jobs is not None and not (isinstance(args.jobs, int) and 1 <= args.jobs <= MAX_JOBS):
+        raise ConfigError("--jobs", f"must be an integer in 1..{MAX_JOBS}, got {args.jobs!r}.",
+                          "Leave it out for the default (the CPUs, at most "
+                          f"{AUTO_JOBS_CAP}), or give 1 to draw the figures in this process.")
     if not 100 <= args.resamples <= 100_000:
         raise ConfigError("--resamples", f"must be in 100..100000, got {args.resamples}.",
                           "1000 (the default) gives a stable 95% interval.")
@@ -101,9 +112,10 @@ def run(args) -> int:
     written += _search_reports(trials, args, out, figure_paths)
     if not args.no_figures:
         figure_dir = out / "figures"
-        for _, trial in tqdm(list(trials.iterrows()), desc="figures", unit=" trials", file=sys.stderr,
-                             leave=False):
-            figure_paths += figures.trial_figures(client, trial, figure_dir)
+        jobs = args.jobs or figures.auto_jobs(len(trials))
+        with tqdm(total=len(trials), desc="figures", unit=" trials", file=sys.stderr, leave=False) as bar:
+            figure_paths += figures.all_trial_figures(client, trials, figure_dir, jobs=jobs, tracking_uri=uri,
+                                                      on_done=bar.update)
         if heatmap_source is None:
             heatmap_source = tables.table1(grid_trials, args.metric)
         figure_paths += figures.table1_heatmap(heatmap_source, figure_dir)

@@ -20,7 +20,10 @@ from mlflow.entities import Metric, Param
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+from alwa_sweep.cli import main
+from alwa_sweep.commands import report as report_command
 from reports import figures, runs, tables
+from trainers.errors import ConfigError
 
 ITERATIONS = 30
 INTERVAL = 10
@@ -77,7 +80,8 @@ def store():
         client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
         client.set_terminated(run_id)
     trials = runs.load_trials(runs.open_client(uri), sweep_run_id=sweep)
-    yield {"client": client, "trials": trials.set_index("name", drop=False), "root": root}
+    yield {"client": client, "trials": trials.set_index("name", drop=False), "root": root, "uri": uri,
+           "sweep": sweep}
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -212,3 +216,167 @@ def test_metric_per_epoch_of_a_single_evaluation_has_one_integer_tick():
     FigureCanvasAgg(figure).draw()
     assert list(axes.get_xticks()) == [1]
     assert [t.get_text() for t in axes.get_xticklabels()] == ["1"]
+
+
+# ---- the figure stage at scale: one layout per figure, a process pool, report --jobs ----
+
+def pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGBA"))
+
+
+def media_box(path: Path) -> list[float]:
+    """The page size a PDF declares (matplotlib writes its page object uncompressed)."""
+    import re
+    found = re.search(rb"/MediaBox \[\s*([-\d.\s]+)\]", path.read_bytes())
+    return [float(v) for v in found.group(1).split()]
+
+
+def expected_trial_files(trials) -> list[str]:
+    """Which trial figures the store's series call for, worked out from TRIALS itself:
+    losses where a raw loss was logged, window and α where ALWA logged them."""
+    names = []
+    for name, (_, _, series) in TRIALS.items():
+        stem = f"trial_{name}_{trials.loc[name, 'run_id'][:8]}"
+        kinds = [kind for kind, key in (("losses", "train/rpn_cls"), ("window", "window/cls_mean"),
+                                        ("alpha", "weight/alpha")) if key in series]
+        names += [f"{stem}_{kind}.{fmt}" for kind in kinds for fmt in ("png", "pdf")]
+    return sorted(names)
+
+
+def test_one_layout_save_writes_the_png_plain_savefig_writes(store, tmp_path):
+    """``save`` lays each figure out once for both files: the PNG is pixel for pixel what
+    ``savefig(bbox_inches="tight")`` writes, the PDF page the same size (to a point)."""
+    histories = figures.trial_histories(store["client"], store["trials"].loc["alwa1"])
+    for kind, draw in (("losses", lambda: figures.losses_figure(histories, "rpn")),
+                       ("window", lambda: figures.window_figure(histories)),
+                       ("alpha", lambda: figures.alpha_figure(histories))):
+        plain = draw()
+        FigureCanvasAgg(plain)
+        for fmt in ("png", "pdf"):
+            plain.savefig(tmp_path / f"plain_{kind}.{fmt}", dpi=120, bbox_inches="tight")
+        png, pdf = figures.save(draw(), tmp_path, f"one_{kind}")
+        assert np.array_equal(pixels(png), pixels(tmp_path / f"plain_{kind}.png")), kind
+        assert pdf.read_bytes().startswith(b"%PDF")
+        assert media_box(pdf) == pytest.approx(media_box(tmp_path / f"plain_{kind}.pdf"), abs=1.0), kind
+
+
+def test_parallel_and_serial_trial_figures_are_the_same_files_and_pixels(store, tmp_path):
+    trials = store["trials"].reset_index(drop=True)
+    done = []
+    serial = figures.all_trial_figures(store["client"], trials, tmp_path / "serial", jobs=1)
+    parallel = figures.all_trial_figures(store["client"], trials, tmp_path / "parallel", jobs=2,
+                                         tracking_uri=store["uri"], on_done=lambda: done.append(1))
+    assert len(done) == len(trials)
+    # same names in the same order (the trials'), under the folder each was given
+    assert [p.name for p in parallel] == [p.name for p in serial]
+    assert sorted(p.name for p in serial) == expected_trial_files(store["trials"])
+    assert all(p.parent == tmp_path / "parallel" for p in parallel)
+    # nothing else was written
+    assert sorted(p.name for p in (tmp_path / "parallel").iterdir()) == sorted(p.name for p in parallel)
+    for a, b in zip(serial, parallel):
+        if a.suffix == ".png":
+            assert np.array_equal(pixels(a), pixels(b)), a.name
+        else:
+            assert b.read_bytes().startswith(b"%PDF") and b.stat().st_size > 1000
+            assert media_box(a) == media_box(b)
+
+
+def test_pool_workers_draw_what_this_process_draws(store, tmp_path):
+    """The workers' own path (forkserver, a client opened on the URI, histories read
+    there), every trial of the store through it, against the trials drawn here."""
+    from concurrent.futures import ProcessPoolExecutor
+    trials = store["trials"].reset_index(drop=True)
+    with ProcessPoolExecutor(2, mp_context=figures._pool_context(), initializer=figures._start_worker,
+                             initargs=(store["uri"], os.getcwd(), {})) as pool:
+        drawn = [pool.submit(figures._worker_trial_figures, trial, tmp_path / "workers")
+                 for _, trial in trials.iterrows()]
+        names = [name for future in drawn for name in future.result()]
+    here = figures.all_trial_figures(store["client"], trials, tmp_path / "here", jobs=1)
+    assert names == [p.name for p in here]
+    for path in here:
+        if path.suffix == ".png":
+            assert np.array_equal(pixels(path), pixels(tmp_path / "workers" / path.name)), path.name
+
+
+def test_an_error_in_either_process_ends_the_stage(store, tmp_path):
+    """A trial whose file cannot be written (a folder in its place) fails the stage with
+    that error, first or last in the list (drawn by a worker or by this process)."""
+    trials = store["trials"]
+    stem = f"trial_alwa1_{trials.loc['alwa1', 'run_id'][:8]}"
+    others = [name for name in trials.index if name != "alwa1"]
+    for order in (["alwa1", *others], [*others, "alwa1"]):
+        out = tmp_path / order[0]
+        (out / f"{stem}_window.png").mkdir(parents=True)
+        with pytest.raises(IsADirectoryError):
+            figures.all_trial_figures(store["client"], trials.loc[order].reset_index(drop=True), out, jobs=2,
+                                      tracking_uri=store["uri"])
+
+
+def test_a_long_trial_name_still_makes_valid_file_names(store, tmp_path):
+    """Run names may have 250 characters (spec.MAX_NAME_LENGTH); the file names stay
+    under the usual 255-byte limit, the run id keeps them apart."""
+    trial = store["trials"].loc["alwa1"].copy()
+    trial["name"] = "w" * 250
+    made = figures.trial_figures(store["client"], trial, tmp_path)
+    assert len(made) == 6 and all(len(p.name) <= 255 and p.stat().st_size > 1000 for p in made)
+    assert all(p.name.startswith("trial_www") and trial["run_id"][:8] in p.name for p in made)
+
+
+def test_parallel_needs_the_tracking_uri(store, tmp_path):
+    with pytest.raises(ValueError, match="tracking_uri"):
+        figures.all_trial_figures(store["client"], store["trials"], tmp_path, jobs=2)
+
+
+def test_default_jobs():
+    cpus = figures.available_cpus()
+    assert figures.auto_jobs(0) == figures.auto_jobs(7) == 1  # a handful of trials: no pool
+    assert figures.auto_jobs(8) == min(cpus, 2)
+    assert figures.auto_jobs(10_000) == min(cpus, figures.AUTO_JOBS_CAP)
+    # report's --help states the same numbers without importing matplotlib
+    assert (report_command.MAX_JOBS, report_command.AUTO_JOBS_CAP, report_command.TRIALS_PER_WORKER) == (
+        figures.MAX_JOBS, figures.AUTO_JOBS_CAP, figures.TRIALS_PER_WORKER)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "65", "two", "1.5", ""])
+def test_report_refuses_a_bad_jobs_value(store, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--sweep", store["sweep"], "--tracking-uri", store["uri"], "--out", str(tmp_path),
+              "--jobs", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--jobs" in err and "1..64" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "figures").exists()
+
+
+def test_report_refuses_a_bad_jobs_value_from_a_namespace(store, tmp_path):
+    """Callers that build the Namespace themselves get the same check (``ConfigError``)."""
+    import argparse
+    args = argparse.Namespace(experiment=None, sweep=store["sweep"], table=None, format="md", out=tmp_path,
+                              metric=None, paper=False, tracking_uri=store["uri"], no_figures=False,
+                              compact=False, jobs=0)
+    with pytest.raises(ConfigError) as error:
+        report_command.run(args)
+    assert error.value.where == "--jobs" and "got 0" in str(error.value)
+
+
+def test_report_with_jobs_writes_and_logs_every_figure(store, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["report", "--sweep", store["sweep"], "--tracking-uri", store["uri"], "--out", str(out),
+                 "--format", "md", "--jobs", "2"])
+    assert code == 0, capsys.readouterr().err
+    expected = expected_trial_files(store["trials"]) + [
+        f"{stem}.{fmt}" for stem in ("table1_heatmap", "metric_per_epoch") for fmt in ("png", "pdf")]
+    written = sorted(p.name for p in (out / "figures").iterdir())
+    assert written == sorted(expected)
+    assert all((out / "figures" / name).stat().st_size > 1000 for name in written)
+    logged = sorted(a.path.rsplit("/", 1)[-1]
+                    for a in store["client"].list_artifacts(store["sweep"], "report/figures"))
+    assert set(written) <= set(logged)
+    # the same trial figures, pixel for pixel, as drawn here in one process
+    serial = figures.all_trial_figures(store["client"], store["trials"].reset_index(drop=True),
+                                       tmp_path / "serial", jobs=1)
+    for path in serial:
+        if path.suffix == ".png":
+            assert np.array_equal(pixels(path), pixels(out / "figures" / path.name)), path.name
