@@ -56,15 +56,14 @@ def _group_key(config: dict) -> tuple:
     return tuple(sorted(config.items()))
 
 
-def comparisons(trials: pd.DataFrame, metric_column: str) -> list[Comparison]:
-    """The comparisons of the finished trials (state ok, metric logged), without intervals."""
+def comparisons(trials: pd.DataFrame, metric_column: str | None = None) -> list[Comparison]:
+    """The comparisons of the finished trials (state ok, metric logged), without intervals.
+    ``metric_column`` None: each trial's main metric (VOC mAP, else COCO AP), as logged."""
     runs = normalize(trials)
-    values = _column(trials, metric_column)
-    default = metric_column == S.METRIC_PREFIX + S.METRIC_MAP
-    if default:
-        # the default metric: each trial's main one (VOC mAP, else COCO AP), as the runs log it
-        for name in S.MAIN_METRICS:
-            values = values.fillna(_column(trials, S.METRIC_PREFIX + name))
+    default = metric_column is None
+    values = pd.Series(np.nan, index=trials.index, dtype=float)
+    for column in ([S.METRIC_PREFIX + name for name in S.MAIN_METRICS] if default else [metric_column]):
+        values = values.fillna(_column(trials, column))
     runs = runs.assign(value=values * 100.0,
                        seed=trials.get(S.PARAM_PREFIX + S.PARAM_SEED, pd.Series("0", index=trials.index)))
     runs = runs[(runs["state"] == S.STATUS_OK) & np.isfinite(runs["value"])]
@@ -90,7 +89,7 @@ def comparisons(trials: pd.DataFrame, metric_column: str) -> list[Comparison]:
             baseline_runs=list(runs.loc[base_rows, "run_id"]), other_runs=list(runs.loc[rows, "run_id"]),
             baseline_values=list(runs.loc[base_rows, "value"]), other_values=list(runs.loc[rows, "value"]),
             seeds=[list(runs.loc[base_rows, "seed"]), list(runs.loc[rows, "seed"])],
-            metric="" if default else metric_column.removeprefix(S.METRIC_PREFIX)))
+            metric="" if default else str(metric_column).removeprefix(S.METRIC_PREFIX)))
     return found
 
 

@@ -123,8 +123,8 @@ def run(args) -> int:
     written += figure_paths
 
     if args.ci:
-        metric = args.metric or "map"
-        found = ci.with_intervals(client, ci.comparisons(trials, runs.metric_column(metric)),
+        metric_column = runs.metric_column(args.metric) if args.metric else None  # None: the main one
+        found = ci.with_intervals(client, ci.comparisons(grid_trials, metric_column),
                                   n_resamples=args.resamples, progress=True)
         markdown = ci.to_markdown(found, args.resamples)
         print(markdown)
