@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 
 import pandas as pd
 import pytest
@@ -107,18 +106,6 @@ def test_ranked_puts_finished_trials_first_best_first():
     assert "Best: weighting.cls = 2, weighting.reg = 1 (map 55.0)." in text
     lowest = search_report.ranked(frame, ["weighting.cls"], "metrics.val/map", mode="min")
     assert list(lowest["name"]) == ["a", "d", "c", "b"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.slow
