@@ -235,6 +235,24 @@ def test_resumed_interval_run_never_repeats_a_step(synthetic_voc, tmp_path):
                                                                           "logs/train_from_6.log"}
 
 
+def test_a_run_restarted_from_scratch_never_repeats_a_step(synthetic_voc, tmp_path):
+    """Killed before its first checkpoint, a trial restarts at iteration 0 in the same run:
+    the steps that run already stored are not written again."""
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    client = open_store(uri)
+    experiment = get_or_create_experiment(client, "restart")
+    config = tiny_alwa(synthetic_voc, log_interval=1, checkpoint_every_iters=1000, eval_every=0)
+    first = MlflowHook.create(client, experiment, "restarted")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, workdir=tmp_path / "a", hooks=[first, Rows(stop_at=12)])
+    before = history(client, first.run_id, "train/loss")
+    assert max(before) == 10  # the rows pulled before the kill (train.log_every 5)
+    train(config, workdir=tmp_path / "b", hooks=[MlflowHook(MlflowClient(uri), first.run_id)])
+    steps = history(client, first.run_id, "train/loss")  # asserts no duplicates
+    assert sorted(steps) == list(range(1, 21))
+    assert all(steps[s] == before[s] for s in before)  # the first attempt's points stand
+
+
 def test_system_metrics_are_sampled_on_request(tmp_path):
     client = open_store(sqlite_uri(tmp_path / "mlflow.db"))
     run = client.create_run(get_or_create_experiment(client, "sys"))
