@@ -14,7 +14,6 @@ A trial ASHA stops is killed by Tune mid-training, so it can not record its own 
 from __future__ import annotations
 
 import math
-import os
 
 from reports.schema import (DONE_STATUSES, FINAL_STATUSES, MAIN_METRICS, STATUS_STOPPED, TAG_PARENT,
                             TAG_REASON, TAG_STATUS, TAG_TRIAL_KEY, VAL_PREFIX, main_metric)
@@ -40,9 +39,8 @@ def build_scheduler(scheduler: dict, max_epochs: int, dataset_kind: str | None =
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    # Results before the first evaluation carry no metric; ASHA skips them, Tune's
-    # strict check (run in the driver, where this is called) would fail the trial.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Results before the first evaluation carry no metric; ASHA skips them (and run_sweep
+    # turns Tune's strict metric check off).
     return ASHAScheduler(time_attr=TIME_ATTR, metric=scheduler_metric(scheduler, dataset_kind),
                          mode=scheduler.get("mode", "max"), grace_period=int(scheduler.get("grace_period", 1)),
                          reduction_factor=float(scheduler.get("reduction_factor", 3)),

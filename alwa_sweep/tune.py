@@ -261,6 +261,10 @@ def run_sweep(spec: Spec, sweep_dir: Path, tracking_uri: str, *, address: str | 
     # driver killed in between forgets finished trials. Sync every second instead.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # A trial reports its metric only once it has been evaluated (schedulers.tune_result):
+    # Tune's strict check, run here in the driver for ASHA's and the sampler's metric, would
+    # fail every result before that — on a new sweep and on a restored one alike.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     sweep_dir = Path(sweep_dir).resolve()
     with terminate_on_signals():
         if state is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 
 import pandas as pd
 import pytest
@@ -179,3 +180,57 @@ def test_the_shipped_search_trains_as_table1s_voc_sgd_l1_column():
     probe = sampled_trial(searched.base, {"weighting.cls": 1.0, "weighting.reg": 1.0})
     assert probe.config.dump() == column.config.dump()
     assert searched.resources == table1.resources
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_with_its_sampler_and_runs_each_trial_once(synthetic_voc, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(search_spec(synthetic_voc, samples=3, max_concurrent=1)))
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    sweep_json = tmp_path / "runs" / "sweeps" / "killed" / "sweep.json"
+    driver = subprocess.Popen([sys.executable, "-m", "alwa_sweep", "run", str(spec_path), "--runs-dir",
+                               str(tmp_path / "runs"), "--tracking-uri", uri, "--name", "killed", "--num-cpus", "2",
+                               "--quiet"], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def trial_runs():
+        if not sweep_json.exists():  # the store exists (and is migrated) before sweep.json
+            return []
+        try:
+            client = MlflowClient(uri)
+            experiment = client.get_experiment_by_name("search-test")
+            return [r for r in client.search_runs([experiment.experiment_id])
+                    if r.data.tags.get("alwa.kind") == "trial"]
+        except Exception:  # noqa: BLE001 -- the driver is still creating the store
+            return []
+
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            runs = trial_runs()
+            if any(r.data.tags.get("alwa.status") == "ok" for r in runs) and len(runs) >= 2:
+                break  # one sampled trial finished, the next one is under way
+            time.sleep(0.5)
+        else:
+            pytest.fail("the search did not get to its second trial")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    resumed = subprocess.run([sys.executable, "-m", "alwa_sweep", "resume", "killed", "--runs-dir",
+                              str(tmp_path / "runs"), "--num-cpus", "2", "--quiet"],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    runs = trial_runs()
+    keys = [r.data.tags["alwa.trial_key"] for r in runs]
+    assert len(runs) == 3 and len(set(keys)) == 3, keys  # the sampler went on: 3 points, one run each
+    client = MlflowClient(uri)
+    for run in runs:
+        assert run.data.tags["alwa.status"] == "ok"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert sorted(steps) == list(range(1, 17)), "a step is missing or duplicated"
