@@ -3,9 +3,11 @@
 Every trial maps to exactly one MLflow run, found by its deterministic trial key (a
 tag) before a run is created, so a retried, resumed or re-launched trial continues its
 run instead of adding a duplicate, and a trial that already reached a final status is
-not trained again. The training itself is :func:`trainers.engine.train`; checkpoints
-are handed to Tune (``tune.report(..., checkpoint=...)``) so that a killed trial is
-restarted from its last one.
+not trained again. The training itself is :func:`trainers.engine.train`; its
+checkpoints are handed off to Tune (``tune.report(..., checkpoint=...)``) or Train,
+which store the only copies (``keep_checkpoints`` of them), and a killed trial restarts
+from the last one there. A search trial (``search:`` specs) gets its config from the
+point the sampler proposed (:func:`trial_payload`).
 
 Single-worker trials train in the Tune trial process. Multi-worker trials start a Ray
 Train ``TorchTrainer`` (DDP; gloo on CPU, NCCL on GPU) from the trial function, as Ray
