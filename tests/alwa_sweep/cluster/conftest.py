@@ -7,6 +7,8 @@
   head and a 1-CPU worker node carrying the custom resource ``worker: 1``; the test
   process is connected as a driver.
 - ``mlflow_server``: ``mlflow server`` on a SQLite file in a tmp dir, on loopback.
+
+``local_ray`` (a local single-node runtime) comes from ``tests/alwa_sweep/conftest.py``.
 """
 
 from __future__ import annotations
@@ -114,16 +116,3 @@ def mlflow_server(tmp_path_factory):
     finally:
         stop(proc)
         log.close()
-
-
-@pytest.fixture
-def local_ray():
-    """A local single-node Ray runtime (never a cluster another test recorded)."""
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield ray
-    ray.shutdown()
