@@ -57,6 +57,7 @@ MAX_REPORTED_PROBLEMS = 20
 # Every trial's config is parsed when the spec is read (~0.15 ms each): 10⁴ trials take ~2 s,
 # 10⁶ took 150 s and ~GBs. A larger study is several specs.
 MAX_TRIALS = 10_000
+KEEP_CHECKPOINTS = 2  # checkpoints stored per trial by default (Tune's/Train's num_to_keep)
 
 
 class Resources(Section):
@@ -128,7 +129,7 @@ class SpecFile(Section):
     scheduler: Scheduler = Field(default_factory=Scheduler)
     max_concurrent: Optional[int] = Field(None, ge=1, le=100_000)
     max_failures: int = Field(2, ge=0, le=100)
-    keep_checkpoints: int = Field(2, ge=1, le=1000, description="checkpoints stored per trial, the newest "
+    keep_checkpoints: int = Field(KEEP_CHECKPOINTS, ge=1, le=1000, description="checkpoints stored per trial, the newest "
                                   "(Tune's and Train's CheckpointConfig num_to_keep); the only copies there are")
     max_trials: int = Field(1000, ge=1, le=MAX_TRIALS, description="refuse a grid with more trials")
     estimate: Estimate = Field(default_factory=Estimate)
@@ -192,7 +193,7 @@ class Spec:
     max_concurrent: int | None
     max_failures: int
     estimate: Estimate
-    keep_checkpoints: int = 2
+    keep_checkpoints: int
     search: Search | None = None  # trials sampled while the sweep runs (then `trials` is empty)
     probes: list[Trial] = field(default_factory=list)  # a search's corners, checked when read
     raw: dict = field(repr=False, default_factory=dict)  # the spec as run (--set applied)
@@ -453,11 +454,7 @@ def load_spec(source, overrides: list[str] | None = None, *, check_paths: bool =
         trials.append(Trial(key=trial_key(combo), name=label, overrides=combo, config=config))
     if problems:
         raise _grouped(problems, len(trials) + len({label for label, _ in problems}))
-    experiment = top.experiment or f"alwa-{name}"
-    return Spec(name=name, description=top.description.strip(), experiment=experiment, base=base,
-                trials=trials, resources=top.resources, scheduler=top.scheduler,
-                max_concurrent=top.max_concurrent, max_failures=top.max_failures, estimate=top.estimate,
-                keep_checkpoints=top.keep_checkpoints, raw=raw)
+    return _spec(top, name, base, raw, trials=trials)
 
 
 def _search_spec(top: SpecFile, name: str, base: dict, raw: dict, check_paths: bool) -> Spec:
@@ -478,10 +475,14 @@ def _search_spec(top: SpecFile, name: str, base: dict, raw: dict, check_paths: b
         probes.append(probe)
     if problems:
         raise _grouped(problems, len(probes) + len({label for label, _ in problems}))
+    return _spec(top, name, base, raw, probes=probes)
+
+
+def _spec(top: SpecFile, name: str, base: dict, raw: dict, trials=(), probes=()) -> Spec:
     return Spec(name=name, description=top.description.strip(), experiment=top.experiment or f"alwa-{name}",
-                base=base, trials=[], resources=top.resources, scheduler=top.scheduler,
+                base=base, trials=list(trials), resources=top.resources, scheduler=top.scheduler,
                 max_concurrent=top.max_concurrent, max_failures=top.max_failures, estimate=top.estimate,
-                keep_checkpoints=top.keep_checkpoints, search=top.search, probes=probes, raw=raw)
+                keep_checkpoints=top.keep_checkpoints, search=top.search, probes=list(probes), raw=raw)
 
 
 def _refuse_emulate_in_configs(top: SpecFile) -> None:

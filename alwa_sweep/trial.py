@@ -25,7 +25,9 @@ from alwa_sweep.tracking import MlflowHook, end_run, find_runs_by_tag
 from reports.schema import (DONE_STATUSES, KIND_TRIAL, METRIC_LOSS, STATUS_ERROR, STATUS_INTERRUPTED, STATUS_PENDING, STATUS_RUNNING,
                             STATUS_STOPPED, TAG_KIND, TAG_PARENT, TAG_SEARCH, TAG_STATUS, TAG_SWEEP, TAG_TRIAL_KEY)
 from alwa_sweep.schedulers import tune_result
-from trainers.checkpoint import check_checkpoint_file, list_checkpoints
+from alwa_sweep.spec import KEEP_CHECKPOINTS
+from trainers.checkpoint import require_resumable_checkpoint
+from trainers.errors import NoResumableCheckpointError
 from trainers.engine import Diverged, train
 from trainers.hooks import TrainingHook
 
@@ -154,13 +156,15 @@ class RestoredCheckpoint(TrainingHook):
         for candidate in _newest_first(checkpoint):
             attempt = ExitStack()
             folder = Path(attempt.enter_context(candidate.as_directory()))
-            problem = _problem(folder)
-            if problem is None:
-                self._held = attempt
-                return folder
-            attempt.close()
-            warnings.warn(f"skipping corrupt checkpoint {candidate.path}: {problem}; falling back to the "
-                          "previous one", stacklevel=2)
+            try:
+                require_resumable_checkpoint(folder, field=candidate.path)
+            except NoResumableCheckpointError as exc:
+                attempt.close()
+                warnings.warn(f"skipping corrupt checkpoint {candidate.path}: {exc.problem} Falling back to the "
+                              "previous one.", stacklevel=2)
+                continue
+            self._held = attempt
+            return folder
         return None
 
     def release(self) -> None:
@@ -171,13 +175,6 @@ class RestoredCheckpoint(TrainingHook):
 
     def finish(self, status, reason, metrics):
         self.release()
-
-
-def _problem(folder: Path) -> str | None:
-    files = list_checkpoints(folder)
-    if not files:
-        return "no ckpt_<iteration>.pt file in it"
-    return check_checkpoint_file(files[-1])
 
 
 def _newest_first(checkpoint) -> list:
@@ -291,7 +288,7 @@ def _run_distributed(payload: dict) -> None:
         run_config=ray.train.RunConfig(name=train_run_name(payload["key"]), **_train_storage(payload),
                                        callbacks=[TuneReportCallback()],
                                        checkpoint_config=ray.train.CheckpointConfig(
-                                           num_to_keep=payload.get("keep_checkpoints", 2)),
+                                           num_to_keep=payload.get("keep_checkpoints", KEEP_CHECKPOINTS)),
                                        failure_config=ray.train.FailureConfig(max_failures=payload["max_failures"])),
     )
     trainer.fit()

@@ -203,7 +203,7 @@ def _trial_resources(spec: Spec):
     return tune.PlacementGroupFactory(driver)
 
 
-def _build_tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int | None, progress, storage=None):
+def _build_tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int | None, progress, storage):
     from ray import tune
 
     trainable = tune.with_resources(run_trial, _trial_resources(spec))
@@ -224,17 +224,15 @@ def _build_tuner(spec: Spec, sweep_dir: Path, state: dict, max_concurrent: int |
             trial_dirname_creator=lambda t: trial_payload(t.config)["key"],
             **search,
         ),
-        run_config=_run_config(spec, sweep_dir, progress, storage),
+        run_config=_run_config(spec, progress, storage),
     )
 
 
-def _run_config(spec: Spec, sweep_dir: Path, progress, storage=None):
+def _run_config(spec: Spec, progress, storage):
     from ray import tune
 
     from alwa_sweep.schedulers import StoppedTrialRecorder
-    from alwa_sweep.storage import resolve_storage
 
-    storage = storage or resolve_storage(None, default=sweep_dir)
     callbacks = [StoppedTrialRecorder()] + ([progress] if progress is not None else [])
     return tune.RunConfig(
         name=TUNE_NAME, **storage.run_config_kwargs(),
